@@ -1,0 +1,162 @@
+"""Namek settings, all read from the environment (see the table in README.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from namek_web.env import (
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_screen_size,
+    env_str,
+    env_url,
+    parse_bind,
+    secret_key,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DATA_DIR = Path(env_str("NAMEK_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+try:
+    DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+except OSError as exc:
+    raise ImproperlyConfigured(f"NAMEK_DATA_DIR={str(DATA_DIR)!r}: cannot create it ({exc})") from None
+
+SECRET_KEY = secret_key("SECRET_KEY", DATA_DIR)
+DEBUG = env_bool("NAMEK_DEBUG", False)
+
+NAMEK_BIND = env_str("NAMEK_BIND", "127.0.0.1:8000")
+BIND_HOST, BIND_PORT = parse_bind("NAMEK_BIND", NAMEK_BIND)
+_internal_host = "127.0.0.1" if BIND_HOST in ("0.0.0.0", "::") else BIND_HOST
+_internal_default = f"http://{'[' + _internal_host + ']' if ':' in _internal_host else _internal_host}:{BIND_PORT}"
+NAMEK_INTERNAL_URL = env_url("NAMEK_INTERNAL_URL", _internal_default, ("http", "https")).rstrip("/")
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+_internal = urlsplit(NAMEK_INTERNAL_URL)
+if _internal.hostname and _internal.hostname not in ALLOWED_HOSTS and "*" not in ALLOWED_HOSTS:
+    # Sandboxes open the start page through NAMEK_INTERNAL_URL: its host must be served.
+    ALLOWED_HOSTS.append(_internal.hostname)
+
+# "kubernetes" joins with the Kubernetes backend; until then it is refused at start.
+NAMEK_BACKEND = env_choice("NAMEK_BACKEND", "local", ("local",))
+NAMEK_SCREEN_SIZE = env_screen_size("NAMEK_SCREEN_SIZE", "1280x800")
+NAMEK_LOCAL_ISOLATION = env_choice("NAMEK_LOCAL_ISOLATION", "on", ("on", "off"))
+NAMEK_SUPERVISOR_SOCKET = Path(env_str("NAMEK_SUPERVISOR_SOCKET", str(DATA_DIR / "supervisor.sock")))
+NAMEK_SANDBOX_START_TIMEOUT = env_float("NAMEK_SANDBOX_START_TIMEOUT", 30.0, minimum=1.0)
+NAMEK_CHROMIUM = env_str("NAMEK_CHROMIUM", "/usr/bin/chromium")
+
+# The screen relay's flow control: a browser must acknowledge what it received; a reader
+# with more than NAMEK_RELAY_WINDOW bytes unacknowledged for NAMEK_RELAY_STALL_SECONDS is
+# closed with 4408 (Daphne itself would buffer without bound: django/daphne#170).
+NAMEK_RELAY_WINDOW = env_int("NAMEK_RELAY_WINDOW", 8 * 1024 * 1024, minimum=64 * 1024)
+NAMEK_RELAY_STALL_SECONDS = env_float("NAMEK_RELAY_STALL_SECONDS", 15.0, minimum=0.1)
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "sandboxes",
+    "viewer",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "namek_web.urls"
+ASGI_APPLICATION = "namek_web.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_default_db = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
+try:
+    DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL") or _default_db, conn_max_age=0)}
+except Exception as exc:  # dj_database_url raises several types for bad URLs
+    raise ImproperlyConfigured(f"DATABASE_URL: cannot parse it ({exc})") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The supervisor and the web process write the same file: WAL lets readers go on,
+    # IMMEDIATE transactions and a timeout make writers queue instead of failing.
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL")
+if REDIS_URL:
+    env_url("REDIS_URL", REDIS_URL, ("redis", "rediss", "unix"))
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+CSRF_FAILURE_VIEW = "namek_web.errors.csrf_failure"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("NAMEK_LOG_LEVEL", "INFO").upper()},
+    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
+}

@@ -1,0 +1,21 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import path, re_path
+
+from sandboxes import api
+from viewer import views
+
+handler404 = "namek_web.errors.not_found"
+handler500 = "namek_web.errors.internal_error"
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("sandboxes/<int:sandbox_id>/", views.sandbox_page, name="sandbox"),
+    path("sandboxes/start/<str:token>/", views.start_page, name="sandbox-start"),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/sandboxes", api.sandboxes, name="api-sandboxes"),
+    path("api/sandboxes/<int:sandbox_id>", api.sandbox_detail, name="api-sandbox"),
+    re_path(r"^api/(?P<rest>.*)$", api.api_not_found),
+]

@@ -1,0 +1,121 @@
+"""The JSON API. Every answer, errors included, is JSON.
+
+Authentication: ``Authorization: Bearer <token>`` (no CSRF) or the session cookie
+(writes need the CSRF header, as Django forms do).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from namek_web.errors import json_error
+from sandboxes import services
+from sandboxes.auth import authenticate_request
+from sandboxes.access import can_use, can_view, visible_sandboxes
+from sandboxes.backends.base import BackendError
+from sandboxes.models import Phase, Sandbox
+
+log = logging.getLogger(__name__)
+MAX_BODY = 16 * 1024
+CREATE_FIELDS = {"name", "screen"}
+
+View = Callable[..., HttpResponse]
+
+
+def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
+    def decorate(view: View) -> View:
+        @csrf_exempt
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = json_error(405, f"method not allowed; use {' or '.join(methods)}")
+                response["Allow"] = ", ".join(methods)
+                return response
+            user, method = authenticate_request(request)
+            if method is None:
+                return json_error(401, "authentication required: log in, or send Authorization: Bearer <token>")
+            if method == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
+                refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
+                if refused is not None:
+                    return refused
+            request.user = user
+            return view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _json_body(request: HttpRequest) -> dict[str, Any]:
+    if len(request.body) > MAX_BODY:
+        raise ValueError(f"body larger than {MAX_BODY} bytes")
+    if not request.body.strip():
+        return {}
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    return body
+
+
+def _find(request: HttpRequest, sandbox_id: int) -> Sandbox | HttpResponse:
+    sandbox = Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
+    if sandbox is None:
+        return json_error(404, f"no sandbox {sandbox_id}")
+    if not can_view(request.user, sandbox):
+        return json_error(403, "not allowed")
+    return sandbox
+
+
+@api_view(("GET", "POST"))
+def sandboxes(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        show_all = request.GET.get("all") in ("1", "true", "yes")
+        found = visible_sandboxes(request.user)
+        if not show_all:
+            found = found.exclude(phase=Phase.STOPPED)
+        return JsonResponse({"sandboxes": [services.sandbox_json(s) for s in found]})
+    try:
+        body = _json_body(request)
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    unknown = sorted(set(body) - CREATE_FIELDS)
+    if unknown:
+        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(CREATE_FIELDS))}")
+    try:
+        sandbox = services.create_sandbox(request.user, body.get("name"), body.get("screen"))
+    except services.SandboxRequestError as exc:
+        return json_error(400, str(exc))
+    except BackendError as exc:
+        return json_error(503 if exc.retryable else 502, str(exc))
+    return JsonResponse(services.sandbox_json(sandbox), status=201)
+
+
+@api_view(("GET", "DELETE"))
+def sandbox_detail(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    if request.method == "DELETE":
+        if not can_use(request.user, found):
+            return json_error(403, "not allowed")
+        try:
+            found = services.delete_sandbox(found)
+        except BackendError as exc:
+            return json_error(503 if exc.retryable else 502, str(exc))
+    return JsonResponse(services.sandbox_json(found))
+
+
+@csrf_exempt
+def api_not_found(request: HttpRequest, rest: str = "") -> HttpResponse:
+    return json_error(404, f"no API route {request.path}")

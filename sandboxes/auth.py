@@ -1,0 +1,38 @@
+"""API tokens: who sent a request, by session cookie or ``Authorization: Bearer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AnonymousUser
+from django.http import HttpRequest
+from django.utils import timezone
+
+from sandboxes.models import ApiToken
+
+
+def bearer_token(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def user_for_token(token: str) -> Any | None:
+    record = ApiToken.objects.active().select_related("user").filter(digest=ApiToken.hash(token)).first()
+    if record is None:
+        return None
+    ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())
+    return record.user
+
+
+def authenticate_request(request: HttpRequest) -> tuple[Any, str | None]:
+    """(user, method) for an API request: method is "token", "session" or None."""
+    header = request.headers.get("Authorization", "")
+    if header:
+        token = bearer_token(header)
+        user = user_for_token(token) if token else None
+        return (user, "token") if user is not None else (AnonymousUser(), None)
+    if request.user.is_authenticated:
+        return request.user, "session"
+    return AnonymousUser(), None

@@ -1,0 +1,84 @@
+"""The one narrow interface every sandbox backend implements.
+
+Backends only touch the outside world (processes, a cluster); the database belongs to
+``sandboxes.services``. Every failure is a ``BackendError`` that says whether retrying
+can help.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+class BackendError(Exception):
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    id: int
+    name: str
+    width: int
+    height: int
+    start_url: str
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a sandbox service listens: a UNIX socket path, or a host and port."""
+
+    unix_path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def describe(self) -> str:
+        return self.unix_path or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ScreenTarget:
+    endpoint: Endpoint
+    #: the VNC password: server side only, never sent to a browser
+    password: str
+
+
+@dataclass(frozen=True)
+class BrowserTarget:
+    """Chromium's DevTools protocol (HTTP + websocket)."""
+
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True)
+class SandboxStatus:
+    phase: str
+    reason: str = ""
+    browser_restarts: int = 0
+
+
+class SandboxBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def create(self, spec: SandboxSpec) -> None:
+        """Start creating the sandbox; returns once it is under way."""
+
+    @abc.abstractmethod
+    def status(self, sandbox_id: int) -> SandboxStatus: ...
+
+    @abc.abstractmethod
+    def delete(self, sandbox_id: int) -> None:
+        """Stop the sandbox and remove everything it had; returns once it is gone."""
+
+    @abc.abstractmethod
+    def screen_target(self, sandbox_id: int) -> ScreenTarget: ...
+
+    @abc.abstractmethod
+    def browser_target(self, sandbox_id: int) -> BrowserTarget: ...
+
+    @abc.abstractmethod
+    def open_shell(self, sandbox_id: int) -> list[str]:
+        """The command that attaches a terminal to the sandbox's shell."""

@@ -1,0 +1,176 @@
+"""Sandbox lifecycle: every phase change goes through here, is stored, then broadcast."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.core import signing
+from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
+
+from namek_web.env import parse_screen_size
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError, SandboxSpec
+from sandboxes.models import LIVE_PHASES, Phase, Sandbox
+
+log = logging.getLogger(__name__)
+
+DASHBOARD_GROUP = "sandboxes"
+START_PAGE_SALT = "namek.sandbox.start"
+
+#: phase -> the phases it may be entered from
+ALLOWED_FROM: dict[str, tuple[str, ...]] = {
+    Phase.STARTING: (Phase.PENDING,),
+    Phase.READY: (Phase.STARTING,),
+    Phase.FAILED: (Phase.PENDING, Phase.STARTING, Phase.READY, Phase.STOPPING),
+    Phase.STOPPING: (Phase.PENDING, Phase.STARTING, Phase.READY, Phase.FAILED),
+    Phase.STOPPED: (Phase.PENDING, Phase.STARTING, Phase.READY, Phase.STOPPING, Phase.FAILED),
+}
+
+
+class SandboxRequestError(ValueError):
+    """The request for a sandbox is invalid (a 400)."""
+
+
+def sandbox_json(sandbox: Sandbox) -> dict[str, Any]:
+    return {
+        "id": sandbox.pk,
+        "name": sandbox.name,
+        "owner": sandbox.owner.get_username(),
+        "backend": sandbox.backend,
+        "screen": sandbox.screen,
+        "phase": sandbox.phase,
+        "failure_reason": sandbox.failure_reason,
+        "browser_restarts": sandbox.browser_restarts,
+        "last_browser_exit": sandbox.last_browser_exit,
+        "banner_color": sandbox.banner_color,
+        "created_at": sandbox.created_at.isoformat(),
+        "updated_at": sandbox.updated_at.isoformat(),
+        "ready_at": sandbox.ready_at.isoformat() if sandbox.ready_at else None,
+        "stopped_at": sandbox.stopped_at.isoformat() if sandbox.stopped_at else None,
+        "url": reverse("sandbox", args=[sandbox.pk]),
+        "screen_ws": f"/ws/sandboxes/{sandbox.pk}/screen/",
+    }
+
+
+def broadcast(sandbox: Sandbox) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "sandbox.changed", "owner_id": sandbox.owner_id, "sandbox": sandbox_json(sandbox)}
+    try:
+        async_to_sync(layer.group_send)(DASHBOARD_GROUP, message)
+    except Exception:  # a dashboard update must never break a lifecycle change
+        log.exception("broadcasting sandbox %s failed", sandbox.pk)
+
+
+def start_page_token(sandbox_id: int) -> str:
+    return signing.dumps(sandbox_id, salt=START_PAGE_SALT)
+
+
+def sandbox_from_start_token(token: str) -> Sandbox | None:
+    try:
+        sandbox_id = signing.loads(token, salt=START_PAGE_SALT)
+    except signing.BadSignature:
+        return None
+    return Sandbox.objects.filter(pk=sandbox_id).first()
+
+
+def validate_request(name: Any, screen: Any) -> tuple[str, str]:
+    if name is None:
+        name = ""
+    if not isinstance(name, str):
+        raise SandboxRequestError("name: must be a string")
+    name = name.strip()
+    if len(name) > 64 or any(not ch.isprintable() for ch in name):
+        raise SandboxRequestError("name: at most 64 printable characters")
+    if screen is None:
+        screen = settings.NAMEK_SCREEN_SIZE
+    if not isinstance(screen, str) or parse_screen_size(screen) is None:
+        raise SandboxRequestError("screen: must be a string WIDTHxHEIGHT, from 320x200 to 3840x2160")
+    return name, screen
+
+
+def create_sandbox(owner: Any, name: Any = None, screen: Any = None) -> Sandbox:
+    """Store the sandbox and ask the backend to start it. Raises SandboxRequestError, BackendError."""
+    name, screen = validate_request(name, screen)
+    backend = get_backend()
+    with transaction.atomic():
+        sandbox = Sandbox.objects.create(owner=owner, name=name or "sandbox", backend=backend.name, screen=screen)
+        if not name:
+            sandbox.name = f"sandbox-{sandbox.pk}"
+            sandbox.save(update_fields=["name"])
+    broadcast(sandbox)
+    width, height = parse_screen_size(screen) or (0, 0)
+    start_url = settings.NAMEK_INTERNAL_URL + reverse("sandbox-start", args=[start_page_token(sandbox.pk)])
+    try:
+        backend.create(SandboxSpec(sandbox.pk, sandbox.name, width, height, start_url))
+    except BackendError as exc:
+        record_phase(sandbox.pk, Phase.FAILED, f"could not create it: {exc}")
+        raise
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+def delete_sandbox(sandbox: Sandbox) -> Sandbox:
+    """Stop the sandbox and keep its row (phase stopped) so its history survives."""
+    if sandbox.phase == Phase.STOPPED:
+        return sandbox
+    record_phase(sandbox.pk, Phase.STOPPING)
+    try:
+        get_backend(sandbox.backend).delete(sandbox.pk)
+    except BackendError as exc:
+        if not exc.retryable:
+            raise
+        # The supervisor is gone, and its sandboxes with it (they die with it).
+        log.warning("deleting sandbox %s: %s", sandbox.pk, exc)
+    record_phase(sandbox.pk, Phase.STOPPED)
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str, Any] | None = None) -> bool:
+    """Move a sandbox to ``phase`` if the transition is allowed; store, then broadcast.
+
+    Returns whether anything changed. Called by web processes and by the supervisor.
+    """
+    extra = extra or {}
+    with transaction.atomic():
+        sandbox = Sandbox.objects.select_for_update().select_related("owner").filter(pk=sandbox_id).first()
+        if sandbox is None:
+            return False
+        changed = False
+        if phase != sandbox.phase and sandbox.phase in ALLOWED_FROM.get(phase, ()):
+            sandbox.phase = phase
+            now = timezone.now()
+            if phase == Phase.FAILED:
+                sandbox.failure_reason = reason
+            if phase == Phase.READY:
+                sandbox.ready_at = now
+            if phase == Phase.STOPPED:
+                sandbox.stopped_at = now
+                if reason and not sandbox.failure_reason:
+                    sandbox.failure_reason = reason
+            changed = True
+        if "browser_exit" in extra:
+            sandbox.last_browser_exit = str(extra["browser_exit"])
+            sandbox.browser_restarts = int(extra.get("browser_restarts", sandbox.browser_restarts + 1))
+            changed = True
+        if changed:
+            sandbox.save()
+    if changed:
+        broadcast(sandbox)
+    return changed
+
+
+def mark_orphans_failed(backend: str, reason: str) -> int:
+    """Sandboxes of ``backend`` that claim to be alive but whose processes are gone."""
+    ids = list(Sandbox.objects.filter(backend=backend, phase__in=LIVE_PHASES).values_list("pk", flat=True))
+    for sandbox_id in ids:
+        record_phase(sandbox_id, Phase.FAILED, reason)
+    return len(ids)

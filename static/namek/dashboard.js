@@ -1,0 +1,110 @@
+// The dashboard: the table of sandboxes, kept live by /ws/sandboxes/.
+import { api, describeClose, keepConnected, wsUrl } from "./common.js";
+
+const rows = document.getElementById("sandbox-rows");
+const statusLine = document.getElementById("status");
+const empty = document.getElementById("empty");
+const sandboxes = new Map();
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function render() {
+  const sorted = [...sandboxes.values()].sort((a, b) => b.id - a.id);
+  rows.replaceChildren(...sorted.map(rowFor));
+  empty.hidden = sorted.length > 0;
+}
+
+function rowFor(s) {
+  const tr = document.createElement("tr");
+  tr.dataset.sandboxId = s.id;
+  const name = document.createElement("td");
+  const link = document.createElement("a");
+  link.href = s.url;
+  link.textContent = s.name;
+  name.append(link);
+  const phase = cell(s.phase, `phase phase-${s.phase}`);
+  if (s.failure_reason) phase.title = s.failure_reason;
+  const actions = document.createElement("td");
+  actions.className = "actions";
+  if (s.phase !== "stopped") {
+    const open = document.createElement("a");
+    open.href = s.url;
+    open.textContent = "Open";
+    open.className = "button";
+    const del = document.createElement("button");
+    del.textContent = "Delete";
+    del.className = "danger";
+    del.addEventListener("click", () => remove(s, del));
+    actions.append(open, " ", del);
+  }
+  const reason = s.phase === "failed" && s.failure_reason ? cell(s.failure_reason, "reason") : null;
+  tr.append(cell(s.id), name, cell(s.owner), cell(s.screen), phase, cell(new Date(s.created_at).toLocaleString()), actions);
+  if (reason) phase.append(document.createElement("br"), reason);
+  return tr;
+}
+
+function update(s) {
+  if (s.phase === "stopped") sandboxes.delete(s.id);
+  else sandboxes.set(s.id, s);
+  render();
+}
+
+async function remove(s, button) {
+  button.disabled = true;
+  statusLine.textContent = `Deleting ${s.name}…`;
+  try {
+    update(await api("DELETE", `/api/sandboxes/${s.id}`));
+    statusLine.textContent = `Deleted ${s.name}.`;
+  } catch (error) {
+    statusLine.textContent = `Could not delete ${s.name}: ${error.message}`;
+    button.disabled = false;
+  }
+}
+
+document.getElementById("create-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const body = {};
+  if (form.name.value.trim()) body.name = form.name.value.trim();
+  if (form.screen.value.trim()) body.screen = form.screen.value.trim();
+  const button = document.getElementById("create-button");
+  button.disabled = true;
+  statusLine.textContent = "Creating…";
+  try {
+    const s = await api("POST", "/api/sandboxes", body);
+    update(s);
+    statusLine.textContent = `Created ${s.name}; it is starting.`;
+    form.reset();
+  } catch (error) {
+    statusLine.textContent = `Could not create the sandbox: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+});
+
+for (const s of JSON.parse(document.getElementById("initial-sandboxes").textContent)) sandboxes.set(s.id, s);
+render();
+
+keepConnected((onClose) => {
+  const ws = new WebSocket(wsUrl("/ws/sandboxes/"));
+  let open = false;
+  ws.addEventListener("open", () => { open = true; });
+  ws.addEventListener("message", (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === "snapshot") {
+      sandboxes.clear();
+      for (const s of message.sandboxes) sandboxes.set(s.id, s);
+      render();
+    } else if (message.type === "sandbox") {
+      update(message.sandbox);
+    }
+  });
+  ws.addEventListener("close", (event) => onClose(event.code, event.reason, open));
+}, {
+  onFinal: (code, reason) => { statusLine.textContent = `Live updates stopped: ${describeClose(code, reason)}`; },
+});

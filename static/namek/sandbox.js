@@ -1,0 +1,58 @@
+// The sandbox page: the live screen, and the sandbox's phase kept live.
+import { api, describeClose, keepConnected, wsUrl } from "./common.js";
+import { showScreen } from "./screen.js";
+
+const sandbox = JSON.parse(document.getElementById("sandbox-data").textContent);
+const phaseBadge = document.getElementById("phase");
+const statusLine = document.getElementById("screen-status");
+const container = document.getElementById("screen");
+const deleteButton = document.getElementById("delete-button");
+let screen = null;
+
+function setStatus(text, kind) {
+  statusLine.textContent = text;
+  statusLine.dataset.kind = kind || "";
+}
+
+function applyPhase(s) {
+  phaseBadge.textContent = s.phase;
+  phaseBadge.className = `phase phase-${s.phase}`;
+  deleteButton.hidden = s.phase === "stopped";
+  if (s.phase === "ready" && !screen) {
+    screen = showScreen(container, s.id, { onState: setStatus });
+  } else if (s.phase !== "ready" && screen) {
+    screen.stop();
+    screen = null;
+  }
+  if (s.phase === "starting" || s.phase === "pending") setStatus("The sandbox is starting…", "retry");
+  if (s.phase === "failed") setStatus(`The sandbox failed: ${s.failure_reason || "no reason given"}`, "final");
+  if (s.phase === "stopped" || s.phase === "stopping") setStatus(`The sandbox is ${s.phase}.`, "final");
+}
+
+deleteButton.addEventListener("click", async () => {
+  deleteButton.disabled = true;
+  try {
+    applyPhase(await api("DELETE", `/api/sandboxes/${sandbox.id}`));
+  } catch (error) {
+    setStatus(`Could not delete: ${error.message}`, "final");
+    deleteButton.disabled = false;
+  }
+});
+
+applyPhase(sandbox);
+
+keepConnected((onClose) => {
+  const ws = new WebSocket(wsUrl("/ws/sandboxes/"));
+  let open = false;
+  ws.addEventListener("open", () => { open = true; });
+  ws.addEventListener("message", (event) => {
+    const message = JSON.parse(event.data);
+    const found = message.type === "snapshot"
+      ? message.sandboxes.find((s) => s.id === sandbox.id)
+      : message.sandbox && message.sandbox.id === sandbox.id ? message.sandbox : null;
+    if (found) applyPhase(found);
+  });
+  ws.addEventListener("close", (event) => onClose(event.code, event.reason, open));
+}, {
+  onFinal: (code, reason) => setStatus(`Live updates stopped: ${describeClose(code, reason)}`, "final"),
+});

@@ -1,0 +1,36 @@
+"""Websocket authentication: the session cookie (Channels) or a bearer token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import AnonymousUser
+from sandboxes.auth import bearer_token, user_for_token
+
+
+class TokenAuthMiddleware:
+    """Sets ``scope["user"]`` from ``Authorization: Bearer`` and records how the user
+    was authenticated in ``scope["auth_method"]`` ("token", "session" or None)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        scope = dict(scope)
+        headers = dict(scope.get("headers", []))
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        if header:
+            token = bearer_token(header)
+            user = await database_sync_to_async(user_for_token)(token) if token else None
+            scope["user"] = user or AnonymousUser()
+            scope["auth_method"] = "token" if user else None
+        else:
+            user = scope.get("user")
+            scope["auth_method"] = "session" if user is not None and user.is_authenticated else None
+        return await self.inner(scope, receive, send)
+
+
+def WebsocketAuthStack(inner: Any) -> Any:  # noqa: N802 - reads like Channels' AuthMiddlewareStack
+    return AuthMiddlewareStack(TokenAuthMiddleware(inner))

@@ -1,0 +1,60 @@
+"""``/ws/sandboxes/<id>/screen/``: translates frames; the relay owns the upstream."""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError
+from viewer.closecodes import Close
+from viewer.consumers.base import NamekConsumer
+from viewer.screen_relay import RelayClosed, ScreenRelay
+
+
+class ScreenConsumer(NamekConsumer):
+    subprotocols = ("binary",)
+    relay: ScreenRelay | None = None
+
+    async def opened(self) -> None:
+        assert self.sandbox is not None
+        if self.sandbox.phase != "ready":
+            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
+            return
+        backend = get_backend(self.sandbox.backend)
+        try:
+            target = await sync_to_async(backend.screen_target, thread_sensitive=False)(self.sandbox.pk)
+        except BackendError as exc:
+            await self.close_with(Close.UNREACHABLE, str(exc))
+            return
+        self.relay = ScreenRelay(
+            target,
+            self.send_binary,
+            self.close_with,
+            window=settings.NAMEK_RELAY_WINDOW,
+            stall_seconds=settings.NAMEK_RELAY_STALL_SECONDS,
+        )
+        try:
+            await self.relay.start()
+        except RelayClosed as closed:
+            await self.close_with(closed.code, closed.detail)
+
+    async def send_binary(self, data: bytes) -> None:
+        if not self.closing:
+            await self.send(bytes_data=data)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.relay is None or self.closing:
+            return
+        try:
+            if bytes_data is not None:
+                await self.relay.from_browser(bytes_data)
+            elif text_data is not None:
+                await self.relay.from_browser_text(text_data)
+        except RelayClosed as closed:
+            await self.close_with(closed.code, closed.detail)
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.relay:
+            await self.relay.stop()

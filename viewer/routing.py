@@ -1,0 +1,9 @@
+from django.urls import path
+
+from viewer.consumers.dashboard import DashboardConsumer
+from viewer.consumers.screen import ScreenConsumer
+
+websocket_urlpatterns = [
+    path("ws/sandboxes/", DashboardConsumer.as_asgi()),
+    path("ws/sandboxes/<int:sandbox_id>/screen/", ScreenConsumer.as_asgi()),
+]
