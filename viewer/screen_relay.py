@@ -124,7 +124,14 @@ class ScreenRelay:
             await self.stop()
             log.warning("screen relay: upstream %s: %s", endpoint.describe(), exc)
             raise RelayClosed(Close.UNREACHABLE, "the screen does not answer") from None
-        await self.send_bytes(rfb.PROTOCOL_VERSION)
+        await self._to_browser(rfb.PROTOCOL_VERSION)
+
+    async def _to_browser(self, data: bytes) -> None:
+        """Every byte to the browser counts towards the window, handshake included."""
+        self.sent += len(data)
+        if self.sent - self.acked >= self.window:
+            self._window_open.clear()
+        await self.send_bytes(data)
 
     async def stop(self) -> None:
         if self._pump and self._pump is not asyncio.current_task():
@@ -181,7 +188,7 @@ class ScreenRelay:
                 version, self._handshake = bytes(self._handshake[:12]), self._handshake[12:]
                 if version != rfb.PROTOCOL_VERSION:
                     raise RelayClosed(Close.BAD_MESSAGE, f"only RFB 3.8 is spoken here, not {version[:11]!r}")
-                await self.send_bytes(bytes([1, rfb.SECURITY_NONE]))
+                await self._to_browser(bytes([1, rfb.SECURITY_NONE]))
                 self._state = self.WANT_SECURITY
             elif self._state == self.WANT_SECURITY:
                 if not self._handshake:
@@ -189,7 +196,7 @@ class ScreenRelay:
                 choice, self._handshake = self._handshake[0], self._handshake[1:]
                 if choice != rfb.SECURITY_NONE:
                     raise RelayClosed(Close.BAD_MESSAGE, "only security type None is offered")
-                await self.send_bytes(struct.pack(">I", 0))
+                await self._to_browser(struct.pack(">I", 0))
                 self._state = self.WANT_CLIENT_INIT
             elif self._state == self.WANT_CLIENT_INIT:
                 if not self._handshake:
@@ -219,10 +226,7 @@ class ScreenRelay:
                 data = await self._reader.read(READ_CHUNK)
                 if not data:
                     raise RelayClosed(Close.NORMAL, "the screen closed")
-                self.sent += len(data)
-                if self.sent - self.acked >= self.window:
-                    self._window_open.clear()
-                await self.send_bytes(data)
+                await self._to_browser(data)
         except RelayClosed as closed:
             await self.close_with(closed.code, closed.detail)
         except (ConnectionError, OSError) as exc:

@@ -1,0 +1,207 @@
+"""A real Namek for tests: the sandbox supervisor and Daphne as subprocesses.
+
+Each instance has its own data dir (SQLite, sandboxes, sockets) and a free port, and
+its ``stop()`` checks that nothing of its sandboxes is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "NAMEK_SANDBOX_OF"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def marked_processes(data_dir: Path) -> list[int]:
+    """Pids of processes started for sandboxes of this data dir."""
+    wanted = f"{MARKER}={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+class LiveNamek:
+    def __init__(self, base: Path, **env: str) -> None:
+        self.data_dir = (base / "data").resolve()
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.ws_base = f"ws://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "NAMEK_DATA_DIR": str(self.data_dir),
+            "NAMEK_BIND": f"127.0.0.1:{self.port}",
+            "NAMEK_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "NAMEK_SUPERVISOR_SOCKET"):
+            if name not in env:
+                self.env.pop(name, None)
+        self.supervisor: subprocess.Popen[bytes] | None = None
+        self.daphne: subprocess.Popen[bytes] | None = None
+        self.cast: dict[str, Any] = {}
+        self.logs = base / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self._log_files: list[Any] = []
+
+    def _log(self, name: str) -> Any:
+        handle = open(self.logs / name, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_files.append(handle)
+        return handle
+
+    # --- processes ----------------------------------------------------------------------
+
+    def manage(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
+
+    def start(self) -> LiveNamek:
+        self.manage("migrate", "--noinput", "-v", "0")
+        out = self.manage("shell", "-c", "from tests.cast import print_cast; print_cast()").stdout
+        self.cast = json.loads(next(line for line in out.splitlines() if line.startswith("CAST "))[5:])
+        self.start_supervisor()
+        self.daphne = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "namek_web.asgi:application"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log("daphne.log"),
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(lambda: self._http_ok("/login/"), "Daphne")
+        return self
+
+    def start_supervisor(self) -> subprocess.Popen[bytes]:
+        socket_path = self.data_dir / "supervisor.sock"
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        self.supervisor = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "namek_supervisor"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log("supervisor.log"),
+            stderr=subprocess.STDOUT,
+        )
+        self._wait(lambda: socket_path.exists() or self.supervisor.poll() is not None, "supervisor")  # type: ignore[union-attr]
+        if self.supervisor.poll() is not None:
+            raise RuntimeError(f"supervisor exited: {(self.logs / 'supervisor.log').read_text()[-2000:]}")
+        return self.supervisor
+
+    def stop(self) -> None:
+        for process in (self.daphne, self.supervisor):
+            if process and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (self.daphne, self.supervisor):
+            if process:
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for handle in self._log_files:
+            handle.close()
+        leftovers = marked_processes(self.data_dir)
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"sandbox processes left running: {leftovers}"
+
+    def _wait(self, ready: Any, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} did not come up within {timeout} s")
+
+    def _http_ok(self, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + path, timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    # --- the API ------------------------------------------------------------------------
+
+    def token(self, who: str = "owner") -> str:
+        return str(self.cast["tokens"][who])
+
+    def api(self, method: str, path: str, who: str = "owner", body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token(who)}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def create_sandbox(self, who: str = "owner", timeout: float = 45, **body: Any) -> dict[str, Any]:
+        """Create a sandbox and wait until it is ready."""
+        status, sandbox = self.api("POST", "/api/sandboxes", who, body)
+        assert status == 201, sandbox
+        return self.wait_phase(sandbox["id"], "ready", who, timeout)
+
+    def wait_phase(self, sandbox_id: int, phase: str, who: str = "owner", timeout: float = 45) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        sandbox: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status, sandbox = self.api("GET", f"/api/sandboxes/{sandbox_id}", who)
+            assert status == 200, sandbox
+            if sandbox["phase"] == phase:
+                return sandbox
+            if sandbox["phase"] in ("failed", "stopped") and phase not in ("failed", "stopped"):
+                raise AssertionError(f"sandbox {sandbox_id} is {sandbox['phase']}: {sandbox['failure_reason']}")
+            time.sleep(0.2)
+        raise AssertionError(f"sandbox {sandbox_id} not {phase} after {timeout} s: {sandbox}")
+
+    def delete_sandbox(self, sandbox_id: int, who: str = "owner") -> dict[str, Any]:
+        status, sandbox = self.api("DELETE", f"/api/sandboxes/{sandbox_id}", who)
+        assert status == 200, sandbox
+        return sandbox
+
+    def sandbox_dir(self, sandbox_id: int) -> Path:
+        return self.data_dir / "sandboxes" / str(sandbox_id)
+
+    def screen_target(self, sandbox_id: int) -> tuple[str, str]:
+        """(VNC socket path, password), asked from the supervisor as a web process would."""
+        from sandboxes.backends.local import LocalBackend
+
+        target = LocalBackend(str(self.data_dir / "supervisor.sock")).screen_target(sandbox_id)
+        assert target.endpoint.unix_path
+        return target.endpoint.unix_path, target.password
+
+    def browser_socket(self, sandbox_id: int) -> str:
+        from sandboxes.backends.local import LocalBackend
+
+        path = LocalBackend(str(self.data_dir / "supervisor.sock")).browser_target(sandbox_id).endpoint.unix_path
+        assert path
+        return path
