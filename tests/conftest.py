@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,3 +44,30 @@ def fresh_namek(tmp_path: Path) -> Iterator[LiveNamek]:
         yield namek
     finally:
         namek.stop()
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings: Any) -> None:
+    """PBKDF2's deliberate slowness buys nothing in tests."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def cast(db: None) -> dict:
+    """owner, outsider and staff in the test database, with their API tokens."""
+    from tests import cast as cast_module
+
+    return cast_module.create()
+
+
+@pytest.fixture
+def make_sandbox(cast: dict):  # type: ignore[no-untyped-def]
+    """Rows only (no processes): for tests of access rules and the API's answers."""
+    from sandboxes.models import Sandbox
+
+    def make(owner: str = "owner", phase: str = "ready", name: str = "box") -> Sandbox:
+        return Sandbox.objects.create(
+            name=name, owner_id=cast["ids"][owner], backend="local", screen="1280x800", phase=phase
+        )
+
+    return make

@@ -1,0 +1,127 @@
+"""A new user's path, end to end, in Debian's Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from tests.cast import PASSWORD
+from tests.live import LiveNamek, marked_processes
+
+pytestmark = [pytest.mark.processes, pytest.mark.browser]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def log_in(page: Page, base_url: str, username: str = "owner") -> None:
+    await page.goto(base_url + "/")
+    assert "/login/" in page.url, "the dashboard sends a stranger to the login form"
+    await page.fill("input[name=username]", username)
+    await page.fill("input[name=password]", PASSWORD)
+    await page.click("button[type=submit]")
+    await page.wait_for_selector("#create-form")
+
+
+def hex_colour(rgb: list[int]) -> str:
+    return "#" + "".join(f"{value:02x}" for value in rgb[:3])
+
+
+async def canvas_pixel(page: Page, x: int, y: int) -> list[int]:
+    return list(
+        await page.evaluate(
+            "([x, y]) => Array.from(document.querySelector('#screen canvas')"
+            ".getContext('2d').getImageData(x, y, 1, 1).data)",
+            [x, y],
+        )
+    )
+
+
+async def test_log_in_create_watch_the_banner_and_delete(live_namek: LiveNamek, browser: Browser) -> None:
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await log_in(page, live_namek.base_url)
+
+    await page.fill("#create-form input[name=name]", "e2e banner")
+    await page.click("#create-button")
+    row = page.locator("#sandbox-rows tr", has_text="e2e banner")
+    await row.locator("td.phase-ready").wait_for(timeout=45000)
+    sandbox_id = int(await row.get_attribute("data-sandbox-id") or 0)
+    status, sandbox = live_namek.api("GET", f"/api/sandboxes/{sandbox_id}")
+    assert status == 200
+
+    await row.get_by_role("link", name="Open").click()
+    await page.wait_for_selector("#screen canvas")
+    await page.wait_for_function("document.getElementById('screen-status').textContent === 'Live'")
+
+    # The canvas holds the remote framebuffer at its own size (noVNC scales it with CSS):
+    # below Chromium's toolbar, the start page is the sandbox's banner colour.
+    size = await page.evaluate("(() => { const c = document.querySelector('#screen canvas'); return [c.width, c.height]; })()")
+    assert size == [1280, 800]
+    deadline = time.monotonic() + 20
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        seen = await canvas_pixel(page, 640, 650)
+        if hex_colour(seen) == sandbox["banner_color"]:
+            break
+        await asyncio.sleep(0.25)
+    assert hex_colour(seen) == sandbox["banner_color"], f"canvas shows {seen}, banner is {sandbox['banner_color']}"
+
+    await page.click("#delete-button")
+    await page.wait_for_function("document.getElementById('phase').textContent === 'stopped'", timeout=30000)
+    assert "stopped" in (await page.text_content("#screen-status") or "")
+    assert not live_namek.sandbox_dir(sandbox_id).exists()
+    leftovers = [pid for pid in marked_processes(live_namek.data_dir) if _sandbox_of(pid) == sandbox_id]
+    assert leftovers == []
+    assert errors == []
+    await page.close()
+
+
+def _sandbox_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            for item in handle.read().split(b"\0"):
+                if item.startswith(b"NAMEK_SANDBOX_ID="):
+                    return int(item.split(b"=", 1)[1])
+    except OSError:
+        return None
+    return None
+
+
+async def test_the_dashboard_shows_phase_changes_live(live_namek: LiveNamek, browser: Browser) -> None:
+    page = await browser.new_page()
+    await log_in(page, live_namek.base_url)
+    created: Any = live_namek.create_sandbox(name="made elsewhere")
+    try:
+        row = page.locator("#sandbox-rows tr", has_text="made elsewhere")
+        await row.locator("td.phase-ready").wait_for(timeout=15000)
+    finally:
+        live_namek.delete_sandbox(created["id"])
+    await row.wait_for(state="detached", timeout=15000)
+    await page.close()
+
+
+async def test_a_page_of_another_users_sandbox_is_refused(live_namek: LiveNamek, browser: Browser) -> None:
+    created = live_namek.create_sandbox(who="outsider", name="not yours")
+    try:
+        page = await browser.new_page()
+        await log_in(page, live_namek.base_url)
+        response = await page.goto(f"{live_namek.base_url}/sandboxes/{created['id']}/")
+        assert response is not None and response.status == 403
+        assert "Not allowed" in await page.content()
+        await page.close()
+    finally:
+        live_namek.delete_sandbox(created["id"], who="outsider")
