@@ -6,6 +6,7 @@ Namek at start with a message that says what to fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
@@ -54,7 +55,7 @@ def env_float(name: str, default: float, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise ImproperlyConfigured(f"{name}={raw!r}: expected a number") from None
-    if value < minimum or value != value:
+    if not math.isfinite(value) or value < minimum:
         raise ImproperlyConfigured(f"{name}={raw!r}: must be a number of at least {minimum}")
     return value
 

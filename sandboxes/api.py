@@ -18,8 +18,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
 from sandboxes import services
-from sandboxes.auth import authenticate_request
 from sandboxes.access import can_use, can_view, visible_sandboxes
+from sandboxes.auth import authenticate_request
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Phase, Sandbox
 

@@ -170,7 +170,7 @@ class ClientStreamParser:
     def _need(self, count: int) -> bytes | None:
         return bytes(self._buffer[:count]) if len(self._buffer) >= count else None
 
-    def _message_length(self) -> int | None:  # noqa: PLR0911 - one return per message type
+    def _message_length(self) -> int | None:  # noqa: PLR0911, PLR0912 - one branch per message type
         kind = self._buffer[0]
         if kind == MSG_SET_PIXEL_FORMAT:
             return 20

@@ -65,7 +65,7 @@ class LiveNamek:
         self._log_files: list[Any] = []
 
     def _log(self, name: str) -> Any:
-        handle = open(self.logs / name, "ab")  # noqa: SIM115 - closed in stop()
+        handle = open(self.logs / name, "ab")
         self._log_files.append(handle)
         return handle
 

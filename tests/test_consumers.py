@@ -89,4 +89,8 @@ async def test_dashboard_closes_4400_when_the_browser_talks(cast: dict) -> None:
     await comm.receive_from(timeout=5)
     await comm.send_to(text_data="hello")
     message = await comm.receive_output(timeout=5)
-    assert message == {"type": "websocket.close", "code": Close.BAD_MESSAGE, "reason": "bad message: this socket only sends"}
+    assert message == {
+        "type": "websocket.close",
+        "code": Close.BAD_MESSAGE,
+        "reason": "bad message: this socket only sends",
+    }

@@ -69,7 +69,9 @@ async def test_log_in_create_watch_the_banner_and_delete(live_namek: LiveNamek, 
 
     # The canvas holds the remote framebuffer at its own size (noVNC scales it with CSS):
     # below Chromium's toolbar, the start page is the sandbox's banner colour.
-    size = await page.evaluate("(() => { const c = document.querySelector('#screen canvas'); return [c.width, c.height]; })()")
+    size = await page.evaluate(
+        "(() => { const c = document.querySelector('#screen canvas'); return [c.width, c.height]; })()"
+    )
     assert size == [1280, 800]
     deadline = time.monotonic() + 20
     seen: list[int] = []

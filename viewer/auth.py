@@ -7,6 +7,7 @@ from typing import Any
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import AnonymousUser
+
 from sandboxes.auth import bearer_token, user_for_token
 
 
@@ -32,5 +33,5 @@ class TokenAuthMiddleware:
         return await self.inner(scope, receive, send)
 
 
-def WebsocketAuthStack(inner: Any) -> Any:  # noqa: N802 - reads like Channels' AuthMiddlewareStack
+def WebsocketAuthStack(inner: Any) -> Any:
     return AuthMiddlewareStack(TokenAuthMiddleware(inner))

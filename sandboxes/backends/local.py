@@ -57,9 +57,7 @@ class LocalBackend(SandboxBackend):
         return self.call("ping")
 
     def create(self, spec: SandboxSpec) -> None:
-        self.call(
-            "create", id=spec.id, name=spec.name, width=spec.width, height=spec.height, start_url=spec.start_url
-        )
+        self.call("create", id=spec.id, name=spec.name, width=spec.width, height=spec.height, start_url=spec.start_url)
 
     def status(self, sandbox_id: int) -> SandboxStatus:
         reply = self.call("status", id=sandbox_id)

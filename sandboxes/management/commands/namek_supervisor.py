@@ -41,7 +41,7 @@ class Command(BaseCommand):
             isolation=isolation,
             chromium=settings.NAMEK_CHROMIUM,
             start_timeout=settings.NAMEK_SANDBOX_START_TIMEOUT,
-            on_phase=lambda sid, phase, reason, extra: record(sid, phase, reason, extra),
+            on_phase=record,
         )
         await supervisor.start()
         # Whatever the database still believes is alive died with the previous supervisor.
