@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from namek_web.serve import daphne_command
+
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "NAMEK_SANDBOX_OF"
 
@@ -88,7 +90,7 @@ class LiveNamek:
         self.cast = json.loads(next(line for line in out.splitlines() if line.startswith("CAST "))[5:])
         self.start_supervisor()
         self.daphne = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "namek_web.asgi:application"],
+            daphne_command("127.0.0.1", self.port),
             env=self.env,
             cwd=ROOT,
             stdout=self._log("daphne.log"),

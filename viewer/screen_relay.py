@@ -15,7 +15,9 @@ Flow control: Daphne buffers whatever a consumer sends, without bound (django/da
 The relay therefore stops reading from the VNC server once ``window`` bytes are
 unacknowledged, so the VNC server itself waits; a browser that acknowledges nothing for
 ``stall_seconds`` while the window is full is closed with 4408. Memory per connection is
-bounded by the window plus the socket buffers.
+bounded by the window plus one read and the stream reader's buffer (about 1.5 MiB).
+Autobahn gives a peer one second to answer a close frame: a browser that reads nothing
+at all sees its connection reset rather than the 4408.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ log = logging.getLogger(__name__)
 #: biggest binary frame a browser may send (a clipboard of MAX_CUT_TEXT plus headers)
 MAX_CUT_TEXT = 1024 * 1024
 MAX_BROWSER_FRAME = MAX_CUT_TEXT + 64
-#: read size from the VNC server: what is buffered goes out as one frame
-READ_CHUNK = 4 * 1024 * 1024
+#: read size from the VNC server: what is buffered goes out as one frame. It must stay
+#: below Daphne's websocket-max-message-size (namek_web.serve), which autobahn also
+#: enforces on the messages we send (PayloadExceededError).
+READ_CHUNK = 512 * 1024
 #: browser messages per second, sustained and in a burst
 RATE_PER_SECOND = 1000.0
 RATE_BURST = 2000.0
@@ -120,7 +124,7 @@ class ScreenRelay:
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(rfb.authenticate(self._reader, self._writer, self.target.password), 5)
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, rfb.RFBError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, rfb.RFBError) as exc:
             await self.stop()
             log.warning("screen relay: upstream %s: %s", endpoint.describe(), exc)
             raise RelayClosed(Close.UNREACHABLE, "the screen does not answer") from None
@@ -151,7 +155,7 @@ class ScreenRelay:
         except (ValueError, AttributeError, TypeError, KeyError):
             count = None
         if not isinstance(count, int) or isinstance(count, bool) or not self.acked <= count <= self.sent:
-            raise RelayClosed(Close.BAD_MESSAGE, "expected {\"type\": \"ack\", \"bytes\": N}")
+            raise RelayClosed(Close.BAD_MESSAGE, 'expected {"type": "ack", "bytes": N}')
         self.acked = count
         if self.sent - self.acked < self.window:
             self._window_open.set()
@@ -219,10 +223,8 @@ class ScreenRelay:
                 if not self._window_open.is_set():
                     try:
                         await asyncio.wait_for(self._window_open.wait(), self.stall_seconds)
-                    except asyncio.TimeoutError:
-                        raise RelayClosed(
-                            Close.TOO_SLOW, f"{self.sent - self.acked} bytes unacknowledged"
-                        ) from None
+                    except TimeoutError:
+                        raise RelayClosed(Close.TOO_SLOW, f"{self.sent - self.acked} bytes unacknowledged") from None
                 data = await self._reader.read(READ_CHUNK)
                 if not data:
                     raise RelayClosed(Close.NORMAL, "the screen closed")
@@ -233,6 +235,10 @@ class ScreenRelay:
             await self.close_with(Close.UNREACHABLE, str(exc))
         except asyncio.CancelledError:
             raise
+        except Exception:
+            # Never leave the browser with an open socket and a dead pump (a frozen screen).
+            log.exception("screen relay: pump failed")
+            await self.close_with(Close.UNREACHABLE, "relay error")
         finally:
             if self._writer:
                 with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from namek_web.serve import daphne_command
 from sandboxes.backends.base import BackendError
 from sandboxes.backends.local import LocalBackend
 
@@ -39,16 +40,7 @@ class Command(BaseCommand):
             if settings.NAMEK_BACKEND == "local":
                 children.append(subprocess.Popen([sys.executable, MANAGE, "namek_supervisor"]))
                 self.wait_for_supervisor(children[0])
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable, "-m", "daphne",
-                        "--bind", settings.BIND_HOST, "--port", str(settings.BIND_PORT),
-                        "--ping-interval", "20", "--ping-timeout", "30",
-                        "namek_web.asgi:application",
-                    ]
-                )
-            )  # fmt: skip
+            children.append(subprocess.Popen(daphne_command(settings.BIND_HOST, settings.BIND_PORT)))
             url = f"http://{settings.NAMEK_BIND}/"
             self.stdout.write(self.style.SUCCESS(f"\nNamek is up: open {url}\n{login}\nStop it with Ctrl-C.\n"))
             while not stopping and all(child.poll() is None for child in children):
