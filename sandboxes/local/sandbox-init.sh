@@ -5,9 +5,13 @@
 # start with "NAMEK ". When the screen server or a forwarder dies, it exits, and with it
 # the whole sandbox.
 #
+# Under bubblewrap it runs as root with only CAP_SETUID, CAP_SETGID and CAP_SETPCAP (to
+# become the unprivileged users and drop the rest): it cannot even enter their private
+# directories, so it opens its logs in its own "logs" directory before anything runs.
+#
 # Environment (set by the supervisor): SBX (the sandbox dir), DISPLAY_NUM, WIDTH, HEIGHT,
-# CDP_PORT, START_URL, CHROMIUM, SCREEN_UID/USER_UID (empty: stay who we are),
-# FORWARD_PORT (empty: no forwarder to Namek's internal URL).
+# CDP_PORT, START_URL, CHROMIUM, SCREEN_UID/USER_UID/FORWARDER_UID (empty: stay who we
+# are), FORWARD_PORT (empty: no forwarder to Namek's internal URL).
 set -u
 
 as() {  # as UID CMD...: run CMD as an unprivileged user, with every capability dropped
@@ -22,28 +26,35 @@ as() {  # as UID CMD...: run CMD as an unprivileged user, with every capability 
 
 say() { echo "NAMEK $*"; }
 
+# The logs are opened once, now, in a directory no sandbox user can write: a path the
+# browser user controls could be its symlink to a file it must not write.
+exec 3>>"$SBX/logs/chromium.log" 4>>"$SBX/logs/socat.log" 5>>"$SBX/logs/xvnc.log"
+
 (as "$SCREEN_UID" Xvnc ":$DISPLAY_NUM" -geometry "${WIDTH}x${HEIGHT}" -depth 24 \
 	-rfbport -1 -rfbunixpath "$SBX/screen/vnc.sock" -rfbunixmode 0600 \
 	-SecurityTypes VncAuth -PasswordFile "$SBX/screen/passwd" -AlwaysShared -nolisten tcp \
-	-desktop "namek" >"$SBX/screen/xvnc.log" 2>&1) &
+	-desktop "namek" >&5 2>&1 3>&- 4>&- 5>&-) &
 screen_pid=$!
 
 for _ in $(seq 100); do
-	[ -S "$SBX/screen/vnc.sock" ] && break
+	[ -S "/tmp/.X11-unix/X$DISPLAY_NUM" ] && break
 	sleep 0.05
 done
 
-(as "$USER_UID" socat "UNIX-LISTEN:$SBX/cdp/cdp.sock,fork,mode=600" "TCP:127.0.0.1:$CDP_PORT" \
-	2>>"$SBX/home/socat.log") &
+# The forwarders run as a user of their own: as the browser user, that user could replace
+# the CDP socket with a symlink to another sandbox's, which Namek would then dial.
+(as "$FORWARDER_UID" socat "UNIX-LISTEN:$SBX/cdp/cdp.sock,fork,mode=600" "TCP:127.0.0.1:$CDP_PORT" \
+	2>&4 3>&- 4>&- 5>&-) &
 pids="$screen_pid $!"
 if [ -n "$FORWARD_PORT" ]; then
-	(as "$USER_UID" socat "TCP-LISTEN:$FORWARD_PORT,bind=127.0.0.1,fork,reuseaddr" \
-		"UNIX-CONNECT:$SBX/namek.sock" 2>>"$SBX/home/socat.log") &
+	(as "$FORWARDER_UID" socat "TCP-LISTEN:$FORWARD_PORT,bind=127.0.0.1,fork,reuseaddr" \
+		"UNIX-CONNECT:$SBX/namek.sock" 2>&4 3>&- 4>&- 5>&-) &
 	pids="$pids $!"
 fi
 
 (
 	while true; do
+		started=$SECONDS
 		(as "$USER_UID" env HOME="$SBX/home" TMPDIR=/tmp DISPLAY=":$DISPLAY_NUM" "$CHROMIUM" \
 			--no-sandbox --test-type --no-first-run --no-default-browser-check \
 			--disable-background-networking --disable-component-update --disable-sync \
@@ -51,9 +62,11 @@ fi
 			--password-store=basic --remote-debugging-address=127.0.0.1 \
 			--remote-debugging-port="$CDP_PORT" --user-data-dir="$SBX/home/profile" \
 			--window-position=0,0 --window-size="$WIDTH,$HEIGHT" --start-maximized \
-			"$START_URL" >>"$SBX/home/chromium.log" 2>&1)
-		say chromium-exit $?
-		sleep 0.5
+			"$START_URL" >&3 2>&1 3>&- 4>&- 5>&-)
+		code=$?
+		say chromium-exit $code
+		# Back off when Chromium cannot stay up (a broken install fails at once).
+		if [ $((SECONDS - started)) -lt 10 ]; then sleep 3; else sleep 0.5; fi
 	done
 ) &
 say started

@@ -3,14 +3,15 @@
 Each sandbox is a group of real processes started from ``sandbox-init.sh``: TigerVNC's
 ``Xvnc``, Chromium with the DevTools protocol, and socat forwarders. With isolation on
 (the default) the group runs under bubblewrap in its own PID, network, IPC and mount
-namespaces, as unprivileged users (the screen server and the browser as two different
-ones, so that the browser cannot read the VNC password file), seeing only ``/usr``,
-``/etc`` and its own directory. The VNC server and CDP are reached through UNIX sockets
-in the sandbox directory; the sandbox reaches Namek's internal URL only through a socket
-the supervisor serves and forwards.
+namespaces, as unprivileged users (the screen server, the browser and the forwarders as
+three different ones, so that the browser can neither read the VNC password file nor
+swap the CDP socket), seeing only ``/usr``, ``/etc`` and its own directory. The VNC
+server and CDP are reached through UNIX sockets in the sandbox directory; the sandbox
+reaches Namek's internal URL only through a socket the supervisor serves and forwards.
 
 Lifetimes: bubblewrap runs with ``--die-with-parent``, so a killed supervisor takes its
-sandboxes with it; at start the supervisor sweeps any leftover process, directory or
+sandboxes with it (without isolation they outlive a SIGKILLed supervisor until the next
+one starts); at start the supervisor sweeps any leftover process, directory or
 socket and marks the sandboxes it had as failed ("Namek restarted").
 """
 
@@ -41,9 +42,12 @@ from sandboxes.local import protocol
 log = logging.getLogger(__name__)
 
 INIT_SCRIPT = Path(__file__).with_name("sandbox-init.sh")
-#: Unprivileged users for the screen server and for everything else in a sandbox.
+#: Unprivileged users for the screen server, the browser (and whatever else runs in a
+#: sandbox) and the socket forwarders: the browser user must not be able to replace the
+#: CDP socket that Namek dials (with a symlink to another sandbox's, say).
 SCREEN_UID = 61000
 USER_UID = 61001
+FORWARDER_UID = 61002
 #: Ports inside a sandbox's own network namespace (with isolation on).
 CDP_PORT = 9222
 DISPLAY_NUM = 1
@@ -199,7 +203,7 @@ class Supervisor:
 
     def acquire_lock(self) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handle = open(self.data_dir / "supervisor.lock", "a+")  # noqa: SIM115 - held for life
+        handle = open(self.data_dir / "supervisor.lock", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -272,6 +276,8 @@ class Supervisor:
             await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutting down: a watcher's stream simply ends
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
@@ -298,6 +304,8 @@ class Supervisor:
             return {"ok": True, "pid": os.getpid(), "sandboxes": len(self.sandboxes), "isolation": self.isolation}
         if op == "list":
             return {"ok": True, "sandboxes": [self._describe(s) for s in self.sandboxes.values()]}
+        if op not in ("create", "delete", "status", "screen", "browser"):
+            raise SupervisorError(f"unknown op {op!r}")
         sandbox_id = int(request["id"])
         if op == "create":
             await self.create(
@@ -379,7 +387,7 @@ class Supervisor:
             dir=directory,
             password="".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(8)),
             cdp_port=CDP_PORT if self.isolation else _free_port(),
-            display=DISPLAY_NUM if self.isolation else 100 + sandbox_id % 60000,
+            display=DISPLAY_NUM if self.isolation else self._free_display(),
         )
         self.sandboxes[sandbox_id] = sandbox
         try:
@@ -402,10 +410,19 @@ class Supervisor:
         sandbox.tasks.append(asyncio.ensure_future(self._follow(sandbox)))
         sandbox.tasks.append(asyncio.ensure_future(self._await_ready(sandbox)))
 
+    def _free_display(self) -> int:
+        """Without isolation every sandbox shares the machine's X displays."""
+        used = {s.display for s in self.sandboxes.values()}
+        for number in range(100, 1000):
+            if number not in used and not _display_taken(number):
+                return number
+        raise SupervisorError("no free X display number", retryable=True)
+
     def _prepare_dir(self, sandbox: LocalSandbox) -> None:
         shutil.rmtree(sandbox.dir, ignore_errors=True)
         sandbox.dir.mkdir(mode=0o711)
-        owners = {"home": USER_UID, "cdp": USER_UID, "screen": SCREEN_UID}
+        (sandbox.dir / "logs").mkdir(mode=0o700)  # root's: see sandbox-init.sh
+        owners = {"home": USER_UID, "cdp": FORWARDER_UID, "screen": SCREEN_UID}
         for sub, uid in owners.items():
             path = sandbox.dir / sub
             path.mkdir(mode=0o700)
@@ -456,6 +473,7 @@ class Supervisor:
             "CHROMIUM": self.chromium,
             "SCREEN_UID": str(SCREEN_UID) if as_root else "",
             "USER_UID": str(USER_UID) if as_root else "",
+            "FORWARDER_UID": str(FORWARDER_UID) if as_root else "",
             "FORWARD_PORT": forward_port,
             MARKER: str(self.data_dir),
             "NAMEK_SANDBOX_ID": str(sandbox.id),
@@ -487,9 +505,11 @@ class Supervisor:
         command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         command += ["--bind", str(sandbox.dir), "/sandbox", "--ro-bind", str(INIT_SCRIPT), "/init.sh"]
         if self._root:
-            # The init script needs these two to become the unprivileged users; it drops
-            # every capability when it does.
-            command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            # bwrap run by root keeps every capability unless told otherwise. The init
+            # script needs only these, to become the unprivileged users (SETPCAP lets
+            # setpriv clear the bounding set); it drops them all when it does.
+            command += ["--cap-drop", "ALL"]
+            command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
         else:
             command += ["--unshare-user"]
         return [*command, "/bin/bash", "/init.sh"]
@@ -535,7 +555,7 @@ class Supervisor:
                 if "webSocketDebuggerUrl" in version:
                     await self._set_phase(sandbox, "ready")
                     return
-            except (OSError, EOFError, asyncio.TimeoutError, rfb.RFBError, ValueError, IndexError) as exc:
+            except (TimeoutError, OSError, EOFError, rfb.RFBError, ValueError, IndexError) as exc:
                 # EOFError covers IncompleteReadError; ValueError covers bad JSON and HTTP.
                 last_error = f"{type(exc).__name__}: {exc}"
             await asyncio.sleep(0.1)
@@ -582,6 +602,10 @@ class Supervisor:
                 await asyncio.wait_for(process.wait(), 10)
         await asyncio.to_thread(sweep_processes, self.data_dir, sandbox.id)
         await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
+
+
+def _display_taken(number: int) -> bool:
+    return Path(f"/tmp/.X{number}-lock").exists() or Path(f"/tmp/.X11-unix/X{number}").exists()
 
 
 def _free_port() -> int:
