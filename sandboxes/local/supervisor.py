@@ -299,7 +299,7 @@ class Supervisor:
         finally:
             self.watchers.discard(queue)
 
-    async def _handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+    async def _handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "sandboxes": len(self.sandboxes), "isolation": self.isolation}
         if op == "list":
