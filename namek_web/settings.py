@@ -55,7 +55,7 @@ NAMEK_CHROMIUM = env_str("NAMEK_CHROMIUM", "/usr/bin/chromium")
 # The screen relay's flow control: a browser must acknowledge what it received; a reader
 # with more than NAMEK_RELAY_WINDOW bytes unacknowledged for NAMEK_RELAY_STALL_SECONDS is
 # closed with 4408 (Daphne itself would buffer without bound: django/daphne#170).
-NAMEK_RELAY_WINDOW = env_int("NAMEK_RELAY_WINDOW", 8 * 1024 * 1024, minimum=64 * 1024)
+NAMEK_RELAY_WINDOW = env_int("NAMEK_RELAY_WINDOW", 8 * 1024 * 1024, minimum=2 * 1024 * 1024)
 NAMEK_RELAY_STALL_SECONDS = env_float("NAMEK_RELAY_STALL_SECONDS", 15.0, minimum=0.1)
 
 INSTALLED_APPS = [

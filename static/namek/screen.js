@@ -7,7 +7,9 @@
 import RFB from "../vendor/novnc/core/rfb.js";
 import { describeClose, keepConnected, wsUrl } from "./common.js";
 
-const ACK_EVERY_BYTES = 256 * 1024;
+// Half the smallest window the server allows (NAMEK_RELAY_WINDOW >= 2 MiB): few
+// acknowledgements per full-screen update, and the window never fills while we read.
+const ACK_EVERY_BYTES = 1024 * 1024;
 const ACK_DELAY_MS = 50;
 
 export function ackingSocket(url) {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
@@ -38,6 +40,16 @@ class ScreenConsumer(NamekConsumer):
             await self.relay.start()
         except RelayClosed as closed:
             await self.close_with(closed.code, closed.detail)
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections in a worker thread before every
+        # handler: one thread hop per browser frame (acks, input), through asgiref's one
+        # shared thread. Browser frames never touch the database, so they skip it
+        # (measured: about 20 % less CPU per relayed MB, see tests/benchmarks).
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
 
     async def send_binary(self, data: bytes) -> None:
         if not self.closing:
