@@ -51,6 +51,17 @@ NAMEK_LOCAL_ISOLATION = env_choice("NAMEK_LOCAL_ISOLATION", "on", ("on", "off"))
 NAMEK_SUPERVISOR_SOCKET = Path(env_str("NAMEK_SUPERVISOR_SOCKET", str(DATA_DIR / "supervisor.sock")))
 NAMEK_SANDBOX_START_TIMEOUT = env_float("NAMEK_SANDBOX_START_TIMEOUT", 30.0, minimum=1.0)
 NAMEK_CHROMIUM = env_str("NAMEK_CHROMIUM", "/usr/bin/chromium")
+NAMEK_SCREEN = env_choice("NAMEK_SCREEN", "xvnc", ("xvnc", "xvfb-x11vnc"))
+NAMEK_WARM_POOL = env_int("NAMEK_WARM_POOL", 1, minimum=0, maximum=20)
+
+# Limits. One sandbox is ~0.4-0.5 GiB and a busy one about a core: the defaults fit the
+# 2-core, 24 GiB machines Namek is measured on.
+NAMEK_MAX_SANDBOXES = env_int("NAMEK_MAX_SANDBOXES", 8, minimum=1)
+NAMEK_MAX_SANDBOXES_PER_USER = env_int("NAMEK_MAX_SANDBOXES_PER_USER", 3, minimum=1)
+NAMEK_IDLE_TIMEOUT = env_float("NAMEK_IDLE_TIMEOUT", 1800.0, minimum=1.0)
+NAMEK_MAX_LIFETIME = env_float("NAMEK_MAX_LIFETIME", 8 * 3600.0, minimum=1.0)
+NAMEK_REAPER_INTERVAL = env_float("NAMEK_REAPER_INTERVAL", 10.0, minimum=0.1)
+NAMEK_RETENTION_DAYS = env_int("NAMEK_RETENTION_DAYS", 30, minimum=1)
 
 # The screen relay's flow control: a browser must acknowledge what it received; a reader
 # with more than NAMEK_RELAY_WINDOW bytes unacknowledged for NAMEK_RELAY_STALL_SECONDS is

@@ -17,5 +17,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/sandboxes", api.sandboxes, name="api-sandboxes"),
     path("api/sandboxes/<int:sandbox_id>", api.sandbox_detail, name="api-sandbox"),
+    path("api/sandboxes/<int:sandbox_id>/restart-browser", api.restart_browser, name="api-restart-browser"),
     re_path(r"^api/(?P<rest>.*)$", api.api_not_found),
 ]

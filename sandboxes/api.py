@@ -34,7 +34,7 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
     def decorate(view: View) -> View:
         @csrf_exempt
         @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:  # noqa: PLR0911 - one per error
             if request.method not in methods:
                 response = json_error(405, f"method not allowed; use {' or '.join(methods)}")
                 response["Allow"] = ", ".join(methods)
@@ -47,7 +47,16 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
                 if refused is not None:
                     return refused
             request.user = user
-            return view(request, *args, **kwargs)
+            try:
+                return view(request, *args, **kwargs)
+            except services.SandboxRequestError as exc:
+                return json_error(400, str(exc))
+            except services.SandboxStateError as exc:
+                return json_error(409, str(exc))
+            except services.LimitReached as exc:
+                return json_error(exc.status, str(exc), limit=exc.limit)
+            except BackendError as exc:
+                return json_error(503 if exc.retryable else 502, str(exc))
 
         return wrapper
 
@@ -92,12 +101,7 @@ def sandboxes(request: HttpRequest) -> HttpResponse:
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(CREATE_FIELDS))}")
-    try:
-        sandbox = services.create_sandbox(request.user, body.get("name"), body.get("screen"))
-    except services.SandboxRequestError as exc:
-        return json_error(400, str(exc))
-    except BackendError as exc:
-        return json_error(503 if exc.retryable else 502, str(exc))
+    sandbox = services.create_sandbox(request.user, body.get("name"), body.get("screen"))
     return JsonResponse(services.sandbox_json(sandbox), status=201)
 
 
@@ -109,10 +113,18 @@ def sandbox_detail(request: HttpRequest, sandbox_id: int) -> HttpResponse:
     if request.method == "DELETE":
         if not can_use(request.user, found):
             return json_error(403, "not allowed")
-        try:
-            found = services.delete_sandbox(found)
-        except BackendError as exc:
-            return json_error(503 if exc.retryable else 502, str(exc))
+        found = services.delete_sandbox(found)
+    return JsonResponse(services.sandbox_json(found))
+
+
+@api_view(("POST",))
+def restart_browser(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    if not can_use(request.user, found):
+        return json_error(403, "not allowed")
+    found = services.restart_browser(found, request.user.get_username())
     return JsonResponse(services.sandbox_json(found))
 
 

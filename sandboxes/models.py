@@ -31,6 +31,9 @@ class Sandbox(models.Model):
     failure_reason = models.TextField(blank=True)
     browser_restarts = models.PositiveIntegerField(default=0)
     last_browser_exit = models.TextField(blank=True, help_text="why Chromium last had to be restarted")
+    #: open screen connections, and when the last one opened or closed: the idle timeout
+    viewers = models.IntegerField(default=0)
+    last_active_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     ready_at = models.DateTimeField(null=True, blank=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core import signing
 from django.db import transaction
+from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
@@ -35,6 +38,19 @@ ALLOWED_FROM: dict[str, tuple[str, ...]] = {
 
 class SandboxRequestError(ValueError):
     """The request for a sandbox is invalid (a 400)."""
+
+
+class SandboxStateError(Exception):
+    """The sandbox is not in a phase that allows this (a 409)."""
+
+
+class LimitReached(Exception):
+    """A cap on sandboxes: ``status`` is 429 for the user's own cap, 503 for Namek's."""
+
+    def __init__(self, message: str, status: int, limit: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.limit = limit
 
 
 def sandbox_json(sandbox: Sandbox) -> dict[str, Any]:
@@ -101,6 +117,9 @@ def create_sandbox(owner: Any, name: Any = None, screen: Any = None) -> Sandbox:
     name, screen = validate_request(name, screen)
     backend = get_backend()
     with transaction.atomic():
+        # Serialises one user's creates (SQLite serialises every write anyway).
+        get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
+        check_limits(owner)
         sandbox = Sandbox.objects.create(owner=owner, name=name or "sandbox", backend=backend.name, screen=screen)
         if not name:
             sandbox.name = f"sandbox-{sandbox.pk}"
@@ -117,10 +136,26 @@ def create_sandbox(owner: Any, name: Any = None, screen: Any = None) -> Sandbox:
     return sandbox
 
 
-def delete_sandbox(sandbox: Sandbox) -> Sandbox:
-    """Stop the sandbox and keep its row (phase stopped) so its history survives."""
+def check_limits(owner: Any) -> None:
+    live = Sandbox.objects.filter(phase__in=LIVE_PHASES)
+    per_user = settings.NAMEK_MAX_SANDBOXES_PER_USER
+    if live.filter(owner=owner).count() >= per_user:
+        message = f"you already have {per_user} sandboxes, the most one user may have: delete one"
+        raise LimitReached(message, 429, per_user)
+    total = settings.NAMEK_MAX_SANDBOXES
+    if live.count() >= total:
+        raise LimitReached(f"Namek runs its maximum of {total} sandboxes: try again later", 503, total)
+
+
+def delete_sandbox(sandbox: Sandbox, reason: str = "") -> Sandbox:
+    """Stop the sandbox and keep its row (phase stopped) so its history survives.
+
+    ``reason`` says why when it was not the user's wish (idle, too old).
+    """
     if sandbox.phase == Phase.STOPPED:
         return sandbox
+    if reason:
+        log.info("stopping sandbox %s: %s", sandbox.pk, reason)
     record_phase(sandbox.pk, Phase.STOPPING)
     try:
         get_backend(sandbox.backend).delete(sandbox.pk)
@@ -129,9 +164,48 @@ def delete_sandbox(sandbox: Sandbox) -> Sandbox:
             raise
         # The supervisor is gone, and its sandboxes with it (they die with it).
         log.warning("deleting sandbox %s: %s", sandbox.pk, exc)
-    record_phase(sandbox.pk, Phase.STOPPED)
+    record_phase(sandbox.pk, Phase.STOPPED, reason)
     sandbox.refresh_from_db()
     return sandbox
+
+
+def restart_browser(sandbox: Sandbox, who: str) -> Sandbox:
+    """Restart the sandbox's Chromium; the reason is recorded on the sandbox."""
+    if sandbox.phase != Phase.READY:
+        raise SandboxStateError(f"the sandbox is {sandbox.phase}, not ready")
+    get_backend(sandbox.backend).restart_browser(sandbox.pk, f"restarted by {who}")
+    sandbox.refresh_from_db()
+    return sandbox
+
+
+def viewer_joined(sandbox_id: int) -> None:
+    Sandbox.objects.filter(pk=sandbox_id).update(viewers=F("viewers") + 1, last_active_at=timezone.now())
+
+
+def viewer_left(sandbox_id: int) -> None:
+    Sandbox.objects.filter(pk=sandbox_id).update(viewers=F("viewers") - 1, last_active_at=timezone.now())
+
+
+def reap(now: datetime | None = None) -> list[tuple[int, str]]:
+    """Stop sandboxes past their maximum lifetime, or idle (nobody watching) too long."""
+    now = now or timezone.now()
+    lifetime = timedelta(seconds=settings.NAMEK_MAX_LIFETIME)
+    idle = timedelta(seconds=settings.NAMEK_IDLE_TIMEOUT)
+    stopped = []
+    for sandbox in Sandbox.objects.filter(phase=Phase.READY).select_related("owner"):
+        reason = ""
+        if now - sandbox.created_at >= lifetime:
+            reason = f"stopped: reached the maximum lifetime of {settings.NAMEK_MAX_LIFETIME:g} s"
+        elif sandbox.viewers <= 0 and now - (sandbox.last_active_at or sandbox.ready_at or sandbox.created_at) >= idle:
+            reason = f"stopped: nobody watched it for {settings.NAMEK_IDLE_TIMEOUT:g} s"
+        if reason:
+            try:
+                delete_sandbox(sandbox, reason)
+            except BackendError as exc:
+                log.warning("could not stop sandbox %s (%s): %s", sandbox.pk, reason, exc)
+                continue
+            stopped.append((sandbox.pk, reason))
+    return stopped
 
 
 def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str, Any] | None = None) -> bool:

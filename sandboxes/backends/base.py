@@ -80,5 +80,13 @@ class SandboxBackend(abc.ABC):
     def browser_target(self, sandbox_id: int) -> BrowserTarget: ...
 
     @abc.abstractmethod
+    def restart_browser(self, sandbox_id: int, reason: str) -> None:
+        """Restart the sandbox's Chromium; returns once CDP answers again."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise BackendError if the backend cannot serve (for /readyz)."""
+
+    @abc.abstractmethod
     def open_shell(self, sandbox_id: int) -> list[str]:
         """The command that attaches a terminal to the sandbox's shell."""

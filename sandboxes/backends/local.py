@@ -74,6 +74,12 @@ class LocalBackend(SandboxBackend):
         reply = self.call("browser", id=sandbox_id)
         return BrowserTarget(Endpoint(unix_path=reply["path"]))
 
+    def restart_browser(self, sandbox_id: int, reason: str) -> None:
+        self.call("restart_browser", id=sandbox_id, reason=reason)
+
+    def check(self) -> None:
+        self.ping()
+
     def open_shell(self, sandbox_id: int) -> list[str]:
         raise BackendError("the sandbox shell is not built yet: it comes with the terminal pane")
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 
+from sandboxes import services
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError
 from viewer.closecodes import Close
@@ -17,6 +19,8 @@ from viewer.screen_relay import RelayClosed, ScreenRelay
 class ScreenConsumer(NamekConsumer):
     subprotocols = ("binary",)
     relay: ScreenRelay | None = None
+    #: whether this connection counts as a viewer (for the idle timeout)
+    counted = False
 
     async def opened(self) -> None:
         assert self.sandbox is not None
@@ -40,6 +44,9 @@ class ScreenConsumer(NamekConsumer):
             await self.relay.start()
         except RelayClosed as closed:
             await self.close_with(closed.code, closed.detail)
+            return
+        await database_sync_to_async(services.viewer_joined)(self.sandbox.pk)
+        self.counted = True
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale database connections in a worker thread before every
@@ -70,3 +77,6 @@ class ScreenConsumer(NamekConsumer):
         self.closing = True
         if self.relay:
             await self.relay.stop()
+        if self.counted and self.sandbox is not None:
+            self.counted = False
+            await database_sync_to_async(services.viewer_left)(self.sandbox.pk)
