@@ -54,6 +54,9 @@ class LiveNamek:
             "NAMEK_DATA_DIR": str(self.data_dir),
             "NAMEK_BIND": f"127.0.0.1:{self.port}",
             "NAMEK_LOG_LEVEL": "WARNING",
+            # No warm pool unless a test asks: a claimed warm sandbox's processes carry
+            # its warm key, and tests find a sandbox's processes by its id.
+            "NAMEK_WARM_POOL": "0",
             **env,
         }
         for name in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "NAMEK_SUPERVISOR_SOCKET"):

@@ -10,8 +10,9 @@
 # directories, so it opens its logs in its own "logs" directory before anything runs.
 #
 # Environment (set by the supervisor): SBX (the sandbox dir), DISPLAY_NUM, WIDTH, HEIGHT,
-# CDP_PORT, START_URL, CHROMIUM, SCREEN_UID/USER_UID/FORWARDER_UID (empty: stay who we
-# are), FORWARD_PORT (empty: no forwarder to Namek's internal URL).
+# CDP_PORT, START_URL, CHROMIUM, SCREEN_SERVER (xvnc or xvfb-x11vnc),
+# SCREEN_UID/USER_UID/FORWARDER_UID (empty: stay who we are), FORWARD_PORT (empty: no
+# forwarder to Namek's internal URL).
 set -u
 
 as() {  # as UID CMD...: run CMD as an unprivileged user, with every capability dropped
@@ -30,16 +31,32 @@ say() { echo "NAMEK $*"; }
 # browser user controls could be its symlink to a file it must not write.
 exec 3>>"$SBX/logs/chromium.log" 4>>"$SBX/logs/socat.log" 5>>"$SBX/logs/xvnc.log"
 
-(as "$SCREEN_UID" Xvnc ":$DISPLAY_NUM" -geometry "${WIDTH}x${HEIGHT}" -depth 24 \
-	-rfbport -1 -rfbunixpath "$SBX/screen/vnc.sock" -rfbunixmode 0600 \
-	-SecurityTypes VncAuth -PasswordFile "$SBX/screen/passwd" -AlwaysShared -nolisten tcp \
-	-desktop "namek" >&5 2>&1 3>&- 4>&- 5>&-) &
-screen_pid=$!
+wait_for_display() {
+	for _ in $(seq 100); do
+		[ -S "/tmp/.X11-unix/X$DISPLAY_NUM" ] && return
+		sleep 0.05
+	done
+}
 
-for _ in $(seq 100); do
-	[ -S "/tmp/.X11-unix/X$DISPLAY_NUM" ] && break
-	sleep 0.05
-done
+if [ "$SCREEN_SERVER" = "xvfb-x11vnc" ]; then
+	# The Kubernetes pod's layout: an X server, and a VNC server that polls it. x11vnc
+	# always listens on TCP too: -localhost keeps that inside the sandbox's own network.
+	(as "$SCREEN_UID" Xvfb ":$DISPLAY_NUM" -screen 0 "${WIDTH}x${HEIGHT}x24" -nolisten tcp \
+		>&5 2>&1 3>&- 4>&- 5>&-) &
+	screen_pid=$!
+	wait_for_display
+	(as "$SCREEN_UID" x11vnc -display ":$DISPLAY_NUM" -unixsock "$SBX/screen/vnc.sock" \
+		-rfbport 0 -localhost -noipv6 -rfbauth "$SBX/screen/passwd" -forever -shared \
+		-desktop "namek" -quiet >&5 2>&1 3>&- 4>&- 5>&-) &
+	screen_pid="$screen_pid $!"
+else
+	(as "$SCREEN_UID" Xvnc ":$DISPLAY_NUM" -geometry "${WIDTH}x${HEIGHT}" -depth 24 \
+		-rfbport -1 -rfbunixpath "$SBX/screen/vnc.sock" -rfbunixmode 0600 \
+		-SecurityTypes VncAuth -PasswordFile "$SBX/screen/passwd" -AlwaysShared -nolisten tcp \
+		-desktop "namek" >&5 2>&1 3>&- 4>&- 5>&-) &
+	screen_pid=$!
+	wait_for_display
+fi
 
 # The forwarders run as a user of their own: as the browser user, that user could replace
 # the CDP socket with a symlink to another sandbox's, which Namek would then dial.
@@ -55,6 +72,9 @@ fi
 (
 	while true; do
 		started=$SECONDS
+		# A claimed warm sandbox gets its start page later, in this file (root's).
+		url=$START_URL
+		[ -f "$SBX/start_url" ] && url=$(cat "$SBX/start_url")
 		(as "$USER_UID" env HOME="$SBX/home" TMPDIR=/tmp DISPLAY=":$DISPLAY_NUM" "$CHROMIUM" \
 			--no-sandbox --test-type --no-first-run --no-default-browser-check \
 			--disable-background-networking --disable-component-update --disable-sync \
@@ -62,7 +82,7 @@ fi
 			--password-store=basic --remote-debugging-address=127.0.0.1 \
 			--remote-debugging-port="$CDP_PORT" --user-data-dir="$SBX/home/profile" \
 			--window-position=0,0 --window-size="$WIDTH,$HEIGHT" --start-maximized \
-			"$START_URL" >&3 2>&1 3>&- 4>&- 5>&-)
+			"$url" >&3 2>&1 3>&- 4>&- 5>&-)
 		code=$?
 		say chromium-exit $code
 		# Back off when Chromium cannot stay up (a broken install fails at once).

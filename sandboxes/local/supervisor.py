@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from sandboxes import rfb
 from sandboxes.local import protocol
 
@@ -64,7 +66,10 @@ class SupervisorError(Exception):
 
 @dataclass
 class LocalSandbox:
-    id: int
+    #: the Namek sandbox id; None while the sandbox waits in the warm pool
+    id: int | None
+    #: the directory name when started and the NAMEK_SANDBOX_ID of its processes
+    key: str
     name: str
     width: int
     height: int
@@ -80,6 +85,8 @@ class LocalSandbox:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     forwarder: asyncio.AbstractServer | None = None
     deleting: bool = False
+    #: why the next Chromium exit happens, when Namek asked for it
+    restart_reason: str = ""
 
     @property
     def vnc_socket(self) -> Path:
@@ -115,10 +122,10 @@ def isolation_problem() -> str | None:
     return None
 
 
-def sweep_processes(data_dir: Path, sandbox_id: int | None = None) -> int:
-    """SIGKILL every process that carries our marker (for one sandbox, or all)."""
+def sweep_processes(data_dir: Path, key: str | None = None) -> int:
+    """SIGKILL every process that carries our marker (for one sandbox's key, or all)."""
     wanted = f"{MARKER}={data_dir}".encode()
-    wanted_id = f"NAMEK_SANDBOX_ID={sandbox_id}".encode() if sandbox_id is not None else None
+    wanted_id = f"NAMEK_SANDBOX_ID={key}".encode() if key is not None else None
     killed = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -146,13 +153,14 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             writer.close()
 
 
-async def http_get_unix(path: str, target: str, timeout: float = 2.0) -> bytes:
-    """A bare HTTP GET over a UNIX socket (Chromium's CDP /json endpoints): the response."""
+async def http_get_unix(path: str, target: str, timeout: float = 2.0, method: str = "GET") -> bytes:
+    """A bare HTTP request over a UNIX socket (Chromium's CDP /json endpoints): the body."""
 
     async def run() -> bytes:
         reader, writer = await asyncio.open_unix_connection(path)
         try:
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            request = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            writer.write(request.encode())
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
             status = head.split(b" ", 2)[1]
@@ -184,6 +192,9 @@ class Supervisor:
         chromium: str = "/usr/bin/chromium",
         start_timeout: float = 30.0,
         on_phase: PhaseCallback | None = None,
+        screen_server: str = "xvnc",
+        warm_pool: int = 0,
+        warm_size: tuple[int, int] = (1280, 800),
     ) -> None:
         self.data_dir = data_dir
         self.sandboxes_dir = data_dir / "sandboxes"
@@ -193,6 +204,13 @@ class Supervisor:
         self.chromium = chromium
         self.start_timeout = start_timeout
         self.on_phase = on_phase
+        self.screen_server = screen_server
+        self.warm_pool = warm_pool
+        self.warm_size = warm_size
+        #: unclaimed sandboxes, starting or ready, owned by the supervisor alone
+        self.warm: list[LocalSandbox] = []
+        self._warm_seq = 0
+        self._stopping = False
         self.sandboxes: dict[int, LocalSandbox] = {}
         self.watchers: set[asyncio.Queue[dict[str, Any]]] = set()
         self.server: asyncio.AbstractServer | None = None
@@ -240,15 +258,22 @@ class Supervisor:
             self.socket_path.unlink()
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path), limit=protocol.MAX_LINE)
         os.chmod(self.socket_path, 0o600)
-        log.info("sandbox supervisor listening on %s (isolation %s)", self.socket_path, self.isolation)
+        log.info(
+            "sandbox supervisor listening on %s (isolation %s, %s, warm pool %s)",
+            self.socket_path, self.isolation, self.screen_server, self.warm_pool,
+        )  # fmt: skip
+        self._refill()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.server:
             self.server.close()
         await asyncio.gather(
             *(self.delete(sid, reason="Namek stopped", phase="failed") for sid in list(self.sandboxes)),
+            *(self._teardown(sandbox) for sandbox in self.warm),
             return_exceptions=True,
         )
+        self.warm.clear()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if self._lock_file:
@@ -301,10 +326,21 @@ class Supervisor:
 
     async def _handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         if op == "ping":
-            return {"ok": True, "pid": os.getpid(), "sandboxes": len(self.sandboxes), "isolation": self.isolation}
+            return {
+                "ok": True,
+                "pid": os.getpid(),
+                "sandboxes": len(self.sandboxes),
+                "isolation": self.isolation,
+                "screen_server": self.screen_server,
+                "warm": {
+                    "wanted": self.warm_pool,
+                    "ready": sum(s.phase == "ready" for s in self.warm),
+                    "starting": sum(s.phase == "starting" for s in self.warm),
+                },
+            }
         if op == "list":
             return {"ok": True, "sandboxes": [self._describe(s) for s in self.sandboxes.values()]}
-        if op not in ("create", "delete", "status", "screen", "browser"):
+        if op not in ("create", "delete", "status", "screen", "browser", "restart_browser"):
             raise SupervisorError(f"unknown op {op!r}")
         sandbox_id = int(request["id"])
         if op == "create":
@@ -328,6 +364,9 @@ class Supervisor:
         if op == "browser":
             self._require_ready(sandbox)
             return {"ok": True, "path": str(sandbox.cdp_socket)}
+        if op == "restart_browser":
+            await self.restart_browser(sandbox, str(request.get("reason") or "restarted on request"))
+            return {"ok": True, **self._describe(sandbox)}
         raise SupervisorError(f"unknown op {op!r}")
 
     def _get(self, sandbox_id: int) -> LocalSandbox:
@@ -354,8 +393,9 @@ class Supervisor:
 
     async def _set_phase(self, sandbox: LocalSandbox, phase: str, reason: str = "", **extra: Any) -> None:
         sandbox.phase, sandbox.reason = phase, reason
-        log.info("sandbox %s: %s %s", sandbox.id, phase, reason)
-        await self._publish(sandbox.id, phase, reason, extra)
+        log.info("sandbox %s: %s %s", sandbox.key, phase, reason)
+        if sandbox.id is not None:  # a warm sandbox is nobody's business yet
+            await self._publish(sandbox.id, phase, reason, extra)
 
     async def _publish(self, sandbox_id: int, phase: str, reason: str, extra: dict[str, Any]) -> None:
         if self.on_phase:
@@ -377,19 +417,42 @@ class Supervisor:
             raise SupervisorError(f"sandbox {sandbox_id} exists already")
         if not (0 < width <= 8192 and 0 < height <= 8192):
             raise SupervisorError("bad screen size")
-        directory = self.sandboxes_dir / str(sandbox_id)
-        sandbox = LocalSandbox(
+        warm = next((w for w in self.warm if w.phase == "ready" and (w.width, w.height) == (width, height)), None)
+        if warm is not None:
+            self.warm.remove(warm)
+            self._refill()
+            await self._claim(warm, sandbox_id, name, start_url)
+            return
+        sandbox = self._new_sandbox(
+            str(sandbox_id), sandbox_id, name=name, width=width, height=height, start_url=start_url
+        )
+        self.sandboxes[sandbox_id] = sandbox
+        try:
+            await self._launch(sandbox)
+        except SupervisorError:
+            del self.sandboxes[sandbox_id]
+            raise
+        await self._set_phase(sandbox, "starting")
+        self._watch_start(sandbox)
+
+    def _new_sandbox(
+        self, key: str, sandbox_id: int | None, *, name: str, width: int, height: int, start_url: str
+    ) -> LocalSandbox:
+        return LocalSandbox(
             id=sandbox_id,
+            key=key,
             name=name,
             width=width,
             height=height,
             start_url=start_url,
-            dir=directory,
+            dir=self.sandboxes_dir / key,
             password="".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(8)),
             cdp_port=CDP_PORT if self.isolation else _free_port(),
             display=DISPLAY_NUM if self.isolation else self._free_display(),
         )
-        self.sandboxes[sandbox_id] = sandbox
+
+    async def _launch(self, sandbox: LocalSandbox) -> None:
+        """Lay out the directory and start the processes. Raises SupervisorError."""
         try:
             self._prepare_dir(sandbox)
             sandbox.forwarder = await self._start_forwarder(sandbox)
@@ -402,13 +465,102 @@ class Supervisor:
                 start_new_session=True,
             )
         except Exception as exc:
-            log.exception("could not start sandbox %s", sandbox_id)
+            log.exception("could not start sandbox %s", sandbox.key)
             await self._teardown(sandbox)
-            del self.sandboxes[sandbox_id]
             raise SupervisorError(f"could not start the sandbox: {exc}") from None
-        await self._set_phase(sandbox, "starting")
+
+    def _watch_start(self, sandbox: LocalSandbox) -> None:
         sandbox.tasks.append(asyncio.ensure_future(self._follow(sandbox)))
         sandbox.tasks.append(asyncio.ensure_future(self._await_ready(sandbox)))
+
+    # --- the warm pool --------------------------------------------------------------------
+
+    def _refill(self) -> None:
+        """Start warm sandboxes until the pool has its size (ready or on the way)."""
+        while not self._stopping and len(self.warm) < self.warm_pool:
+            self._warm_seq += 1
+            width, height = self.warm_size
+            sandbox = self._new_sandbox(
+                f"warm-{self._warm_seq}", None, name="warm", width=width, height=height, start_url="about:blank"
+            )
+            self.warm.append(sandbox)
+            sandbox.tasks.append(asyncio.ensure_future(self._start_warm(sandbox)))
+
+    async def _start_warm(self, sandbox: LocalSandbox) -> None:
+        try:
+            await self._launch(sandbox)
+        except SupervisorError:
+            self._warm_failed(sandbox)
+            return
+        self._watch_start(sandbox)
+
+    def _warm_failed(self, sandbox: LocalSandbox) -> None:
+        if sandbox in self.warm:
+            self.warm.remove(sandbox)
+            # Whatever broke it may break the next one too: do not spin.
+            asyncio.get_running_loop().call_later(5, self._refill)
+
+    async def _claim(self, sandbox: LocalSandbox, sandbox_id: int, name: str, start_url: str) -> None:
+        """A warm sandbox becomes Namek sandbox ``sandbox_id``: ready at once."""
+        directory = self.sandboxes_dir / str(sandbox_id)
+        # The sandbox's bind mount follows the directory, not its name.
+        os.rename(sandbox.dir, directory)
+        sandbox.dir, sandbox.id, sandbox.name, sandbox.start_url = directory, sandbox_id, name, start_url
+        (directory / "start_url").write_text(start_url)
+        self.sandboxes[sandbox_id] = sandbox
+        await self._set_phase(sandbox, "starting")
+        try:
+            await self._open_start_page(sandbox)
+        except (TimeoutError, OSError, EOFError, ValueError) as exc:
+            await self._fail(sandbox, f"the warm sandbox's browser did not take its start page: {exc}")
+            return
+        await self._set_phase(sandbox, "ready", warm=True)
+
+    async def _open_start_page(self, sandbox: LocalSandbox) -> None:
+        """Open the start page in a new tab and close the others, over CDP."""
+        socket_path = str(sandbox.cdp_socket)
+        before = json.loads(await http_get_unix(socket_path, "/json/list"))
+        created = json.loads(await http_get_unix(socket_path, f"/json/new?{sandbox.start_url}", method="PUT"))
+        for target in before:
+            if target.get("type") == "page" and target.get("id") != created.get("id"):
+                await http_get_unix(socket_path, f"/json/close/{target['id']}")
+
+    # --- restart the browser ----------------------------------------------------------------
+
+    async def restart_browser(self, sandbox: LocalSandbox, reason: str) -> None:
+        """Kill Chromium (the init script starts it again) and wait for CDP to answer."""
+        self._require_ready(sandbox)
+        main = self._chromium_main(sandbox)
+        if main is None:
+            raise SupervisorError("Chromium is not running (it is being restarted already)", retryable=True)
+        sandbox.restart_reason = reason
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(main, signal.SIGKILL)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            if sandbox.restart_reason:
+                continue  # the old Chromium's exit is not reported yet
+            with contextlib.suppress(TimeoutError, OSError, EOFError, ValueError):
+                if "webSocketDebuggerUrl" in json.loads(await http_get_unix(str(sandbox.cdp_socket), "/json/version")):
+                    return
+        raise SupervisorError(f"Chromium did not come back within {self.start_timeout:.0f} s", retryable=True)
+
+    @staticmethod
+    def _chromium_main(sandbox: LocalSandbox) -> int | None:
+        """The host pid of the sandbox's Chromium browser process (not its helpers)."""
+        if sandbox.process is None:
+            return None
+        try:
+            family = psutil.Process(sandbox.process.pid).children(recursive=True)
+        except psutil.Error:
+            return None
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                cmdline = process.cmdline()
+                if cmdline and cmdline[0].endswith("/chromium") and not any(a.startswith("--type=") for a in cmdline):
+                    return int(process.pid)
+        return None
 
     def _free_display(self) -> int:
         """Without isolation every sandbox shares the machine's X displays."""
@@ -471,12 +623,13 @@ class Supervisor:
             "CDP_PORT": str(sandbox.cdp_port),
             "START_URL": start_url,
             "CHROMIUM": self.chromium,
+            "SCREEN_SERVER": self.screen_server,
             "SCREEN_UID": str(SCREEN_UID) if as_root else "",
             "USER_UID": str(USER_UID) if as_root else "",
             "FORWARDER_UID": str(FORWARDER_UID) if as_root else "",
             "FORWARD_PORT": forward_port,
             MARKER: str(self.data_dir),
-            "NAMEK_SANDBOX_ID": str(sandbox.id),
+            "NAMEK_SANDBOX_ID": sandbox.key,
         }
 
     def _command(self, sandbox: LocalSandbox) -> list[str]:
@@ -492,7 +645,7 @@ class Supervisor:
             "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname",
-            f"sandbox-{sandbox.id}",
+            f"sandbox-{sandbox.key}",
             "--ro-bind",
             "/usr",
             "/usr",
@@ -524,7 +677,11 @@ class Supervisor:
             if line.startswith("NAMEK chromium-exit"):
                 if sandbox.deleting:
                     continue
-                reason = f"Chromium {describe_exit(int(line.split()[-1]))}; restarted"
+                if sandbox.restart_reason:
+                    reason = f"Chromium {sandbox.restart_reason}"
+                    sandbox.restart_reason = ""
+                else:
+                    reason = f"Chromium {describe_exit(int(line.split()[-1]))}; restarted"
                 sandbox.browser_restarts += 1
                 log.warning("sandbox %s: %s", sandbox.id, reason)
                 await self._publish(
@@ -566,6 +723,9 @@ class Supervisor:
         if sandbox.phase == "failed":
             return
         await self._set_phase(sandbox, "failed", reason)
+        if sandbox.id is None:
+            log.warning("warm sandbox %s failed: %s", sandbox.key, reason)
+            self._warm_failed(sandbox)
         await self._teardown(sandbox)
 
     # --- delete ---------------------------------------------------------------------------
@@ -574,7 +734,7 @@ class Supervisor:
         sandbox = self.sandboxes.get(sandbox_id)
         if sandbox is None:
             # Unknown here (e.g. after a restart): make sure nothing of it is left.
-            sweep_processes(self.data_dir, sandbox_id)
+            sweep_processes(self.data_dir, str(sandbox_id))
             shutil.rmtree(self.sandboxes_dir / str(sandbox_id), ignore_errors=True)
             return
         sandbox.deleting = True
@@ -600,7 +760,7 @@ class Supervisor:
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(process.wait(), 10)
-        await asyncio.to_thread(sweep_processes, self.data_dir, sandbox.id)
+        await asyncio.to_thread(sweep_processes, self.data_dir, sandbox.key)
         await asyncio.to_thread(shutil.rmtree, sandbox.dir, True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from typing import Any
 
@@ -10,6 +11,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from namek_web.env import parse_screen_size
 from sandboxes import services
 from sandboxes.local.supervisor import Supervisor, SupervisorError, isolation_problem
 
@@ -42,12 +44,16 @@ class Command(BaseCommand):
             chromium=settings.NAMEK_CHROMIUM,
             start_timeout=settings.NAMEK_SANDBOX_START_TIMEOUT,
             on_phase=record,
+            screen_server=settings.NAMEK_SCREEN,
+            warm_pool=settings.NAMEK_WARM_POOL,
+            warm_size=parse_screen_size(settings.NAMEK_SCREEN_SIZE) or (1280, 800),
         )
         await supervisor.start()
         # Whatever the database still believes is alive died with the previous supervisor.
         orphans = await sync_to_async(services.mark_orphans_failed)("local", "Namek restarted")
         if orphans:
             self.stderr.write(f"marked {orphans} sandboxes of an earlier run as failed")
+        reaper = asyncio.ensure_future(self.reap())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -55,4 +61,15 @@ class Command(BaseCommand):
         self.stdout.write(f"sandbox supervisor ready on {settings.NAMEK_SUPERVISOR_SOCKET}")
         self.stdout.flush()
         await stop.wait()
+        reaper.cancel()
         await supervisor.stop()
+
+    async def reap(self) -> None:
+        """Stop sandboxes that are idle or too old (services.reap says which, and why)."""
+        while True:
+            await asyncio.sleep(settings.NAMEK_REAPER_INTERVAL)
+            try:
+                for sandbox_id, reason in await sync_to_async(services.reap, thread_sensitive=False)():
+                    self.stderr.write(f"sandbox {sandbox_id} {reason}")
+            except Exception:
+                logging.getLogger(__name__).exception("reaping sandboxes failed")

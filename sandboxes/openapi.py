@@ -1,0 +1,620 @@
+"""The API described by hand as OpenAPI 3.0.3, and the two views that publish it.
+
+``GET /api/openapi.json`` serves the document and ``GET /api/docs`` a page rendered from
+it on the server (no script, no external assets). Both are documentation and need no
+login. ``tests/test_openapi.py`` checks that the document is valid, that it names every
+route under ``/api/`` and no other, and fuzzes a live Namek from it with schemathesis.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.csrf import csrf_exempt
+
+from namek_web.errors import json_error
+from sandboxes.models import Phase
+
+OPENAPI_VERSION = "3.0.3"
+SCREEN_PATTERN = r"^\d{3,4}x\d{3,4}$"
+INT64_MAX = 2**63 - 1
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+READ_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"sessionCookie": []}]
+WRITE_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"sessionCookie": [], "csrfHeader": []}]
+PUBLIC: list[dict[str, list[str]]] = []
+
+DESCRIPTION = """\
+Namek runs AI agents' browsers in isolated sandboxes. This API creates, lists, stops and
+inspects them.
+
+**Authentication.** Send `Authorization: Bearer <token>`; a user's token is printed once by
+`manage.py namek_token <username>`. A logged-in browser may use its session cookie instead;
+then every write (POST, DELETE) also needs the `X-CSRFToken` header holding the `csrftoken`
+cookie's value. Staff and superusers see and do everything; any other user sees and uses
+their own sandboxes.
+
+**Errors.** Every answer, errors included, is JSON. Errors are `{"error": "..."}`; the
+answers to a cap (429, 503) add `"limit"`. A method a path does not offer answers 405 with
+an `Allow` header; a path under `/api/` that does not exist answers 404.
+
+This document (`/api/openapi.json`), the page `/api/docs` and the probes `/healthz` and
+`/readyz` need no login.
+"""
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json_content(schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"application/json": media}
+
+
+SANDBOX_EXAMPLE: dict[str, Any] = {
+    "id": 7,
+    "name": "checkout-flow",
+    "owner": "alice",
+    "backend": "local",
+    "screen": "1280x800",
+    "phase": "ready",
+    "failure_reason": "",
+    "browser_restarts": 0,
+    "last_browser_exit": "",
+    "banner_color": "#3a86ff",
+    "created_at": "2025-05-01T09:30:00.125000+00:00",
+    "updated_at": "2025-05-01T09:30:04.500000+00:00",
+    "ready_at": "2025-05-01T09:30:04.500000+00:00",
+    "stopped_at": None,
+    "url": "/sandboxes/7/",
+    "screen_ws": "/ws/sandboxes/7/screen/",
+}
+
+
+def _components() -> dict[str, Any]:
+    timestamp = {"type": "string", "format": "date-time"}
+    sandbox = {
+        "type": "object",
+        "description": "A sandbox: a desktop with Chromium whose screen Namek relays.",
+        "additionalProperties": False,
+        "required": list(SANDBOX_EXAMPLE),
+        "properties": {
+            "id": {"type": "integer", "format": "int64", "minimum": 1},
+            "name": {"type": "string", "maxLength": 64},
+            "owner": {"type": "string", "description": "the owner's username"},
+            "backend": {"type": "string", "description": "where it runs, e.g. `local`"},
+            "screen": {"type": "string", "pattern": SCREEN_PATTERN, "description": "WIDTHxHEIGHT"},
+            "phase": {
+                "type": "string",
+                "enum": [phase.value for phase in Phase],
+                "description": "pending → starting → ready → stopping → stopped; failed when it could not "
+                "start or died (a failed sandbox can still be deleted)",
+            },
+            "failure_reason": {"type": "string", "description": "why it failed or was stopped; empty otherwise"},
+            "browser_restarts": {"type": "integer", "minimum": 0},
+            "last_browser_exit": {"type": "string", "description": "why Chromium last had to be restarted"},
+            "banner_color": {"type": "string", "pattern": "^#[0-9a-f]{6}$"},
+            "created_at": timestamp,
+            "updated_at": timestamp,
+            "ready_at": {**timestamp, "nullable": True},
+            "stopped_at": {**timestamp, "nullable": True},
+            "url": {"type": "string", "description": "the sandbox's page in Namek (a path)"},
+            "screen_ws": {"type": "string", "description": "the websocket path of its screen (RFB)"},
+        },
+        "example": SANDBOX_EXAMPLE,
+    }
+    error = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string", "description": "what went wrong, for people"},
+            "limit": {"type": "integer", "minimum": 1, "description": "the cap that was reached (429, 503)"},
+        },
+    }
+    check = {"type": "string", "description": "`ok`, or why the check failed"}
+
+    def error_response(description: str, example: str, limit: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": example}
+        if limit is not None:
+            body["limit"] = limit
+        return {"description": description, "content": _json_content(_ref("schemas", "Error"), body)}
+
+    method_not_allowed = error_response("The path does not offer this method.", "method not allowed; use GET or POST")
+    method_not_allowed["headers"] = {
+        "Allow": {"description": "the methods the path offers", "schema": {"type": "string"}},
+    }
+    return {
+        "schemas": {
+            "Sandbox": sandbox,
+            "SandboxList": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["sandboxes"],
+                "properties": {"sandboxes": {"type": "array", "items": _ref("schemas", "Sandbox")}},
+            },
+            "CreateSandbox": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": 64,
+                        "description": "at most 64 printable characters (surrounding spaces are dropped); "
+                        "default `sandbox-<id>`",
+                    },
+                    "screen": {
+                        "type": "string",
+                        "pattern": SCREEN_PATTERN,
+                        "description": "WIDTHxHEIGHT from 320x200 to 3840x2160; default NAMEK_SCREEN_SIZE",
+                    },
+                },
+                "example": {"name": "checkout-flow", "screen": "1280x800"},
+            },
+            "Error": error,
+            "Health": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["status"],
+                "properties": {"status": {"type": "string", "enum": ["ok"]}},
+            },
+            "Readiness": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["status", "checks"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["ready", "not ready"]},
+                    "checks": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["database", "channel_layer", "backend"],
+                        "properties": {"database": check, "channel_layer": check, "backend": check},
+                    },
+                },
+            },
+        },
+        "responses": {
+            "BadRequest": error_response(
+                "The request is malformed: not a JSON object, unknown fields, wrong types or values.",
+                "screen: must be a string WIDTHxHEIGHT, from 320x200 to 3840x2160",
+            ),
+            "Unauthorized": error_response(
+                "No valid bearer token and no session.",
+                "authentication required: log in, or send Authorization: Bearer <token>",
+            ),
+            "Forbidden": error_response(
+                "Not allowed: someone else's sandbox, or (with the session cookie) a write without a valid "
+                "X-CSRFToken header.",
+                "not allowed",
+            ),
+            "NotFound": error_response("No such sandbox.", "no sandbox 7"),
+            "MethodNotAllowed": method_not_allowed,
+            "Conflict": error_response(
+                "The sandbox is not in a phase that allows this.", "the sandbox is starting, not ready"
+            ),
+            "TooMany": error_response(
+                "The user already has NAMEK_MAX_SANDBOXES_PER_USER live sandboxes.",
+                "you already have 3 sandboxes, the most one user may have: delete one",
+                limit=3,
+            ),
+            "BadGateway": error_response(
+                "The sandbox backend refused or failed the request (retrying will not help).", "no sandbox 7 here"
+            ),
+            "Unavailable": error_response(
+                "Namek cannot do it now: the sandbox supervisor is not running, or Namek already runs "
+                "NAMEK_MAX_SANDBOXES sandboxes (then with `limit`). Retry later.",
+                "Namek runs its maximum of 8 sandboxes: try again later",
+                limit=8,
+            ),
+        },
+        "securitySchemes": {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "`Authorization: Bearer <token>`; `manage.py namek_token <username>` prints a new "
+                "token once (only its hash is stored). No CSRF header needed.",
+            },
+            "sessionCookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": settings.SESSION_COOKIE_NAME,
+                "description": "The session of a user logged in at /login/.",
+            },
+            "csrfHeader": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-CSRFToken",
+                "description": f"With the session cookie, writes need this header set to the value of the "
+                f"`{settings.CSRF_COOKIE_NAME}` cookie.",
+            },
+        },
+    }
+
+
+def _responses(ok: tuple[str, dict[str, Any]], *errors: int) -> dict[str, Any]:
+    names = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFound",
+        409: "Conflict",
+        429: "TooMany",
+        502: "BadGateway",
+        503: "Unavailable",
+    }
+    status, response = ok
+    return {status: response, **{str(code): _ref("responses", names[code]) for code in errors}}
+
+
+SANDBOX_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "the sandbox's id",
+    "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX},
+    "example": 7,
+}
+
+
+def _sandbox_ok(description: str, status: str = "200") -> tuple[str, dict[str, Any]]:
+    return status, {"description": description, "content": _json_content(_ref("schemas", "Sandbox"))}
+
+
+def _paths() -> dict[str, Any]:
+    readiness = _json_content(_ref("schemas", "Readiness"))
+    return {
+        "/api/sandboxes": {
+            "description": "Other methods answer 405 (Allow: GET, POST).",
+            "x-allow": ["GET", "POST"],
+            "get": {
+                "operationId": "listSandboxes",
+                "tags": ["sandboxes"],
+                "summary": "List the sandboxes you may see",
+                "description": "Newest first. Stopped sandboxes are left out unless `all` is given.",
+                "security": READ_SECURITY,
+                "parameters": [
+                    {
+                        "name": "all",
+                        "in": "query",
+                        "required": False,
+                        "description": "`1`, `true` or `yes`: include stopped sandboxes; any other value: leave "
+                        "them out",
+                        "schema": {"type": "string"},
+                        "example": "1",
+                    }
+                ],
+                "responses": _responses(
+                    (
+                        "200",
+                        {"description": "The sandboxes.", "content": _json_content(_ref("schemas", "SandboxList"))},
+                    ),
+                    401,
+                ),
+            },
+            "post": {
+                "operationId": "createSandbox",
+                "tags": ["sandboxes"],
+                "summary": "Create a sandbox",
+                "description": "Stores the sandbox (phase `pending`) and asks the backend to start it; poll it "
+                "until its phase is `ready`. An empty body takes every default.",
+                "security": WRITE_SECURITY,
+                "requestBody": {
+                    "required": False,
+                    "content": _json_content(_ref("schemas", "CreateSandbox")),
+                },
+                "responses": _responses(_sandbox_ok("Created; it is starting.", "201"), 400, 401, 403, 429, 502, 503),
+            },
+        },
+        "/api/sandboxes/{id}": {
+            "description": "Other methods answer 405 (Allow: GET, DELETE).",
+            "x-allow": ["GET", "DELETE"],
+            "parameters": [SANDBOX_ID],
+            "get": {
+                "operationId": "getSandbox",
+                "tags": ["sandboxes"],
+                "summary": "Get a sandbox",
+                "security": READ_SECURITY,
+                "responses": _responses(_sandbox_ok("The sandbox."), 401, 403, 404),
+            },
+            "delete": {
+                "operationId": "deleteSandbox",
+                "tags": ["sandboxes"],
+                "summary": "Stop a sandbox",
+                "description": "Stops its processes and removes its files; the row stays, with phase `stopped`. "
+                "Deleting a stopped sandbox changes nothing.",
+                "security": WRITE_SECURITY,
+                "responses": _responses(_sandbox_ok("Stopped."), 401, 403, 404, 502),
+            },
+        },
+        "/api/sandboxes/{id}/restart-browser": {
+            "description": "Other methods answer 405 (Allow: POST).",
+            "x-allow": ["POST"],
+            "parameters": [SANDBOX_ID],
+            "post": {
+                "operationId": "restartBrowser",
+                "tags": ["sandboxes"],
+                "summary": "Restart a sandbox's Chromium",
+                "description": "Answers once Chromium answers again; the reason (who restarted it) is recorded in "
+                "`last_browser_exit`. The sandbox must be `ready` (else 409). No request body.",
+                "security": WRITE_SECURITY,
+                "responses": _responses(_sandbox_ok("Restarted."), 401, 403, 404, 409, 502, 503),
+            },
+        },
+        "/api/openapi.json": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "get": {
+                "operationId": "getOpenApiDocument",
+                "tags": ["documentation"],
+                "summary": "This document",
+                "description": "No login needed.",
+                "security": PUBLIC,
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI document.",
+                        "content": _json_content({"type": "object", "required": ["openapi", "info", "paths"]}),
+                    }
+                },
+            },
+        },
+        "/api/docs": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "get": {
+                "operationId": "getApiDocs",
+                "tags": ["documentation"],
+                "summary": "This document as a page",
+                "description": "Every operation with its parameters, body, answers and a curl example. No login "
+                "needed.",
+                "security": PUBLIC,
+                "responses": {
+                    "200": {"description": "An HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}
+                },
+            },
+        },
+        "/healthz": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "get": {
+                "operationId": "healthz",
+                "tags": ["probes"],
+                "summary": "Liveness: the process answers",
+                "description": "Touches nothing (no database). No login needed.",
+                "security": PUBLIC,
+                "responses": {
+                    "200": {
+                        "description": "Up.",
+                        "content": _json_content(_ref("schemas", "Health"), {"status": "ok"}),
+                    }
+                },
+            },
+        },
+        "/readyz": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "get": {
+                "operationId": "readyz",
+                "tags": ["probes"],
+                "summary": "Readiness: the database, the channel layer and the sandbox backend answer",
+                "description": "Runs a trivial query, sends a message through the channel layer to itself, and "
+                "asks the backend whether it can serve (the local backend: whether the supervisor answers). "
+                "No login needed.",
+                "security": PUBLIC,
+                "responses": {
+                    "200": {"description": "Ready.", "content": readiness},
+                    "503": {
+                        "description": "Not ready: each failing check gives its reason.",
+                        "content": _json_content(
+                            _ref("schemas", "Readiness"),
+                            {
+                                "status": "not ready",
+                                "checks": {
+                                    "database": "ok",
+                                    "channel_layer": "ok",
+                                    "backend": "the sandbox supervisor is not running (start Namek with `make run`)",
+                                },
+                            },
+                        ),
+                    },
+                },
+            },
+        },
+    }
+
+
+def base_url_of(request_or_base_url: HttpRequest | str) -> str:
+    if isinstance(request_or_base_url, str):
+        return request_or_base_url.rstrip("/")
+    return request_or_base_url.build_absolute_uri("/").rstrip("/")
+
+
+def document(request_or_base_url: HttpRequest | str) -> dict[str, Any]:
+    """The OpenAPI document, with the server it was asked from (or the given base URL)."""
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "Namek", "version": "1", "description": DESCRIPTION},
+        "servers": [{"url": base_url_of(request_or_base_url)}],
+        "tags": [
+            {"name": "sandboxes", "description": "Create, list, inspect and stop sandboxes."},
+            {"name": "documentation", "description": "This document, as JSON and as a page."},
+            {"name": "probes", "description": "For load balancers and orchestrators."},
+        ],
+        "paths": _paths(),
+        "components": _components(),
+    }
+
+
+# --- the views ------------------------------------------------------------------------------
+
+
+def _only_get(request: HttpRequest) -> HttpResponse | None:
+    if request.method == "GET":
+        return None
+    response = json_error(405, "method not allowed; use GET")
+    response["Allow"] = "GET"
+    return response
+
+
+@csrf_exempt
+def openapi_json(request: HttpRequest) -> HttpResponse:
+    """The document. No login: it is documentation."""
+    return _only_get(request) or JsonResponse(document(request), json_dumps_params={"indent": 1})
+
+
+@csrf_exempt
+def api_docs(request: HttpRequest) -> HttpResponse:
+    """The document as a page, rendered here: no script, no external assets. No login."""
+    refused = _only_get(request)
+    if refused is not None:
+        return refused
+    spec = document(request)
+    return render(
+        request,
+        "namek/api_docs.html",
+        {
+            "spec": spec,
+            "paragraphs": paragraphs(spec["info"]["description"]),
+            "base_url": spec["servers"][0]["url"],
+            "operations": operations_for_page(spec),
+            "sandbox_fields": _fields(spec, spec["components"]["schemas"]["Sandbox"]),
+            "sandbox_example": json.dumps(SANDBOX_EXAMPLE, indent=2),
+        },
+    )
+
+
+# --- the page's view of the document ----------------------------------------------------------
+
+
+def resolve(spec: dict[str, Any], node: Any) -> Any:
+    """Follow local ``$ref``s (``#/components/...``), one level at a time, until none is left."""
+    while isinstance(node, dict) and "$ref" in node:
+        target: Any = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def describe_schema(spec: dict[str, Any], schema: dict[str, Any]) -> str:
+    """A schema in a few words: ``string, at most 64 characters``."""
+    schema = resolve(spec, schema)
+    words = [schema.get("type", "any")]
+    if "format" in schema:
+        words[0] += f" ({schema['format']})"
+    if schema.get("nullable"):
+        words[0] += " or null"
+    if "enum" in schema:
+        words.append("one of " + ", ".join(map(str, schema["enum"])))
+    if "pattern" in schema:
+        words.append(f"matching {schema['pattern']}")
+    if "maxLength" in schema:
+        words.append(f"at most {schema['maxLength']} characters")
+    if "minimum" in schema:
+        words.append(f"at least {schema['minimum']}")
+    return ", ".join(words)
+
+
+def _fields(spec: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = resolve(spec, schema)
+    required = set(schema.get("required", ()))
+    return [
+        {
+            "name": name,
+            "type": describe_schema(spec, prop),
+            "required": name in required,
+            "description": resolve(spec, prop).get("description", ""),
+        }
+        for name, prop in schema.get("properties", {}).items()
+    ]
+
+
+def _curl(base_url: str, method: str, path: str, operation: dict[str, Any], spec: dict[str, Any]) -> str:
+    url = base_url + path.replace("{id}", str(SANDBOX_ID["example"]))
+    for parameter in operation.get("parameters", ()):
+        if parameter["in"] == "query" and "example" in parameter:
+            url += f"?{parameter['name']}={parameter['example']}"
+    parts = ["curl", "-sS"]
+    if method != "get":
+        parts += ["-X", method.upper()]
+    words = [shlex.quote(part) for part in parts]
+    if operation.get("security"):
+        words.append('-H "Authorization: Bearer $NAMEK_TOKEN"')
+    body = operation.get("requestBody")
+    if body:
+        example = resolve(spec, body["content"]["application/json"]["schema"]).get("example", {})
+        words += ["-H 'Content-Type: application/json'", "-d " + shlex.quote(json.dumps(example))]
+    words.append(shlex.quote(url))
+    return " ".join(words)
+
+
+def operations_for_page(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    base_url = spec["servers"][0]["url"]
+    operations = []
+    for path, item in spec["paths"].items():
+        for method in METHODS:
+            if method not in item:
+                continue
+            operation = item[method]
+            parameters = [resolve(spec, p) for p in [*item.get("parameters", ()), *operation.get("parameters", ())]]
+            body = operation.get("requestBody")
+            responses = []
+            for status, reference in operation["responses"].items():
+                response = resolve(spec, reference)
+                media = response.get("content", {})
+                example = next((m["example"] for m in media.values() if "example" in m), None)
+                responses.append(
+                    {
+                        "status": status,
+                        "description": response["description"],
+                        "types": ", ".join(media),
+                        "example": json.dumps(example) if example is not None else "",
+                    }
+                )
+            security = operation.get("security", [])
+            operations.append(
+                {
+                    "anchor": operation["operationId"],
+                    "method": method.upper(),
+                    "path": path,
+                    "summary": operation.get("summary", ""),
+                    "description": operation.get("description", ""),
+                    "auth": _auth_words(security),
+                    "allow": ", ".join(item.get("x-allow", ())),
+                    "parameters": [
+                        {
+                            "name": p["name"],
+                            "where": p["in"],
+                            "required": p.get("required", False),
+                            "type": describe_schema(spec, p["schema"]),
+                            "description": p.get("description", ""),
+                        }
+                        for p in parameters
+                    ],
+                    "body_fields": _fields(spec, body["content"]["application/json"]["schema"]) if body else [],
+                    "body_required": bool(body and body.get("required")),
+                    "responses": responses,
+                    "curl": _curl(base_url, method, path, operation, spec),
+                }
+            )
+    return operations
+
+
+def _auth_words(security: list[dict[str, list[str]]]) -> str:
+    if not security:
+        return "none"
+    if any(len(requirement) > 1 for requirement in security):
+        return "bearer token, or session cookie with the X-CSRFToken header"
+    return "bearer token, or session cookie"
+
+
+def paragraphs(text: str) -> list[str]:
+    """The description's paragraphs, each on one line."""
+    return [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
