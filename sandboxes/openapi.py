@@ -147,14 +147,16 @@ def _components() -> dict[str, Any]:
                 "properties": {
                     "name": {
                         "type": "string",
+                        "nullable": True,
                         "maxLength": 64,
                         "description": "at most 64 printable characters (surrounding spaces are dropped); "
-                        "default `sandbox-<id>`",
+                        "missing, null or empty: `sandbox-<id>`",
                     },
                     "screen": {
                         "type": "string",
+                        "nullable": True,
                         "pattern": SCREEN_PATTERN,
-                        "description": "WIDTHxHEIGHT from 320x200 to 3840x2160; default NAMEK_SCREEN_SIZE",
+                        "description": "WIDTHxHEIGHT from 320x200 to 3840x2160; missing or null: NAMEK_SCREEN_SIZE",
                     },
                 },
                 "example": {"name": "checkout-flow", "screen": "1280x800"},

@@ -231,6 +231,10 @@ def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str,
                 if reason and not sandbox.failure_reason:
                     sandbox.failure_reason = reason
             changed = True
+        if phase == sandbox.phase == Phase.STOPPED and reason and not sandbox.failure_reason:
+            # The backend may report the stop before the caller who knows why it stopped.
+            sandbox.failure_reason = reason
+            changed = True
         if "browser_exit" in extra:
             sandbox.last_browser_exit = str(extra["browser_exit"])
             sandbox.browser_restarts = int(extra.get("browser_restarts", sandbox.browser_restarts + 1))

@@ -40,13 +40,14 @@ wait_for_display() {
 
 if [ "$SCREEN_SERVER" = "xvfb-x11vnc" ]; then
 	# The Kubernetes pod's layout: an X server, and a VNC server that polls it. x11vnc
-	# always listens on TCP too: -localhost keeps that inside the sandbox's own network.
+	# always listens on TCP too: -listen keeps that on loopback (-localhost would also
+	# refuse the UNIX socket's peers, which have no address).
 	(as "$SCREEN_UID" Xvfb ":$DISPLAY_NUM" -screen 0 "${WIDTH}x${HEIGHT}x24" -nolisten tcp \
 		>&5 2>&1 3>&- 4>&- 5>&-) &
 	screen_pid=$!
 	wait_for_display
 	(as "$SCREEN_UID" x11vnc -display ":$DISPLAY_NUM" -unixsock "$SBX/screen/vnc.sock" \
-		-rfbport 0 -localhost -noipv6 -rfbauth "$SBX/screen/passwd" -forever -shared \
+		-rfbport 0 -listen 127.0.0.1 -noipv6 -rfbauth "$SBX/screen/passwd" -forever -shared \
 		-desktop "namek" -quiet >&5 2>&1 3>&- 4>&- 5>&-) &
 	screen_pid="$screen_pid $!"
 else
