@@ -127,3 +127,21 @@ async def test_a_page_of_another_users_sandbox_is_refused(live_namek: LiveNamek,
         await page.close()
     finally:
         live_namek.delete_sandbox(created["id"], who="outsider")
+
+
+async def test_restart_browser_from_the_page_says_what_happened(live_namek: LiveNamek, browser: Browser) -> None:
+    created = live_namek.create_sandbox(name="restart from page")
+    try:
+        page = await browser.new_page()
+        await log_in(page, live_namek.base_url)
+        await page.goto(f"{live_namek.base_url}/sandboxes/{created['id']}/")
+        await page.wait_for_function("document.getElementById('screen-status').textContent === 'Live'")
+        await page.click("#restart-button")
+        await page.wait_for_function(
+            "document.getElementById('screen-status').textContent.startsWith('Chromium restarted by owner')",
+            timeout=30000,
+        )
+        assert "1 restart so far" in (await page.text_content("#screen-status") or "")
+        await page.close()
+    finally:
+        live_namek.delete_sandbox(created["id"])

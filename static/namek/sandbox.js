@@ -7,6 +7,7 @@ const phaseBadge = document.getElementById("phase");
 const statusLine = document.getElementById("screen-status");
 const container = document.getElementById("screen");
 const deleteButton = document.getElementById("delete-button");
+const restartButton = document.getElementById("restart-button");
 let screen = null;
 
 function setStatus(text, kind) {
@@ -18,6 +19,7 @@ function applyPhase(s) {
   phaseBadge.textContent = s.phase;
   phaseBadge.className = `phase phase-${s.phase}`;
   deleteButton.hidden = s.phase === "stopped";
+  restartButton.hidden = s.phase !== "ready";
   if (s.phase === "ready" && !screen) {
     screen = showScreen(container, s.id, { onState: setStatus });
   } else if (s.phase !== "ready" && screen) {
@@ -36,6 +38,19 @@ deleteButton.addEventListener("click", async () => {
   } catch (error) {
     setStatus(`Could not delete: ${error.message}`, "final");
     deleteButton.disabled = false;
+  }
+});
+
+restartButton.addEventListener("click", async () => {
+  restartButton.disabled = true;
+  setStatus("Restarting the browser…", "retry");
+  try {
+    const s = await api("POST", `/api/sandboxes/${sandbox.id}/restart-browser`);
+    setStatus(`${s.last_browser_exit} (${s.browser_restarts} restart${s.browser_restarts === 1 ? "" : "s"} so far)`, "ok");
+  } catch (error) {
+    setStatus(`Could not restart the browser: ${error.message}`, "final");
+  } finally {
+    restartButton.disabled = false;
   }
 });
 
