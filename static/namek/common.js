@@ -62,3 +62,19 @@ export function keepConnected(connect, { onFinal, onRetry } = {}) {
 export function describeClose(code, reason) {
   return reason || `connection closed (${code})`;
 }
+
+// Follows the dashboard feed (/ws/sandboxes/): onSnapshot(list) on every (re)connect,
+// then onChange(sandbox) for each change, until a final close code (onFinal).
+export function followSandboxes({ onSnapshot, onChange, onFinal }) {
+  return keepConnected((onClose) => {
+    const ws = new WebSocket(wsUrl("/ws/sandboxes/"));
+    let open = false;
+    ws.addEventListener("open", () => { open = true; });
+    ws.addEventListener("message", (event) => {
+      const message = JSON.parse(event.data);
+      if (message.type === "snapshot") onSnapshot(message.sandboxes);
+      else if (message.type === "sandbox") onChange(message.sandbox);
+    });
+    ws.addEventListener("close", (event) => onClose(event.code, event.reason, open));
+  }, { onFinal });
+}

@@ -1,5 +1,5 @@
 // The dashboard: the table of sandboxes, kept live by /ws/sandboxes/.
-import { api, describeClose, keepConnected, wsUrl } from "./common.js";
+import { api, describeClose, followSandboxes } from "./common.js";
 
 const rows = document.getElementById("sandbox-rows");
 const statusLine = document.getElementById("status");
@@ -90,21 +90,12 @@ document.getElementById("create-form").addEventListener("submit", async (event) 
 for (const s of JSON.parse(document.getElementById("initial-sandboxes").textContent)) sandboxes.set(s.id, s);
 render();
 
-keepConnected((onClose) => {
-  const ws = new WebSocket(wsUrl("/ws/sandboxes/"));
-  let open = false;
-  ws.addEventListener("open", () => { open = true; });
-  ws.addEventListener("message", (event) => {
-    const message = JSON.parse(event.data);
-    if (message.type === "snapshot") {
-      sandboxes.clear();
-      for (const s of message.sandboxes) sandboxes.set(s.id, s);
-      render();
-    } else if (message.type === "sandbox") {
-      update(message.sandbox);
-    }
-  });
-  ws.addEventListener("close", (event) => onClose(event.code, event.reason, open));
-}, {
+followSandboxes({
+  onSnapshot: (list) => {
+    sandboxes.clear();
+    for (const s of list) sandboxes.set(s.id, s);
+    render();
+  },
+  onChange: update,
   onFinal: (code, reason) => { statusLine.textContent = `Live updates stopped: ${describeClose(code, reason)}`; },
 });

@@ -1,5 +1,5 @@
 // The sandbox page: the live screen, and the sandbox's phase kept live.
-import { api, describeClose, keepConnected, wsUrl } from "./common.js";
+import { api, describeClose, followSandboxes } from "./common.js";
 import { showScreen } from "./screen.js";
 
 const sandbox = JSON.parse(document.getElementById("sandbox-data").textContent);
@@ -56,18 +56,11 @@ restartButton.addEventListener("click", async () => {
 
 applyPhase(sandbox);
 
-keepConnected((onClose) => {
-  const ws = new WebSocket(wsUrl("/ws/sandboxes/"));
-  let open = false;
-  ws.addEventListener("open", () => { open = true; });
-  ws.addEventListener("message", (event) => {
-    const message = JSON.parse(event.data);
-    const found = message.type === "snapshot"
-      ? message.sandboxes.find((s) => s.id === sandbox.id)
-      : message.sandbox && message.sandbox.id === sandbox.id ? message.sandbox : null;
+followSandboxes({
+  onSnapshot: (list) => {
+    const found = list.find((s) => s.id === sandbox.id);
     if (found) applyPhase(found);
-  });
-  ws.addEventListener("close", (event) => onClose(event.code, event.reason, open));
-}, {
+  },
+  onChange: (s) => { if (s.id === sandbox.id) applyPhase(s); },
   onFinal: (code, reason) => setStatus(`Live updates stopped: ${describeClose(code, reason)}`, "final"),
 });
