@@ -86,14 +86,15 @@ def parse_bind(name: str, value: str) -> tuple[str, int]:
     return match.group("host").strip("[]"), port
 
 
-_SIZE_RE = re.compile(r"^(\d{3,4})x(\d{3,4})$")
+_SIZE_RE = re.compile(r"(\d{3,4})x(\d{3,4})", re.ASCII)
 SCREEN_MIN = (320, 200)
 SCREEN_MAX = (3840, 2160)
 
 
 def parse_screen_size(value: str) -> tuple[int, int] | None:
     """``WxH`` within SCREEN_MIN..SCREEN_MAX → (w, h); anything else → None."""
-    match = _SIZE_RE.match(value or "")
+    # fullmatch: "$" would let a trailing newline through; re.ASCII: only 0-9 are digits.
+    match = _SIZE_RE.fullmatch(value) if isinstance(value, str) else None
     if not match:
         return None
     width, height = int(match.group(1)), int(match.group(2))

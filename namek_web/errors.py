@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import bad_request as plain_bad_request
 from django.views.defaults import page_not_found, server_error
 
 
@@ -35,3 +36,10 @@ def internal_error(request: HttpRequest) -> HttpResponse:
     if _is_api(request):
         return json_error(500, "internal error")
     return server_error(request)
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """Requests Django refuses itself (too big a body, too many fields)."""
+    if _is_api(request):
+        return json_error(400, f"bad request: {exception or 'refused'}")
+    return plain_bad_request(request, exception or Exception())

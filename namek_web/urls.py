@@ -2,9 +2,12 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path, re_path
 
+from namek_web import health
 from sandboxes import api
+from sandboxes import openapi as api_docs
 from viewer import views
 
+handler400 = "namek_web.errors.bad_request"
 handler404 = "namek_web.errors.not_found"
 handler500 = "namek_web.errors.internal_error"
 
@@ -15,6 +18,10 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("api/openapi.json", api_docs.openapi_json, name="api-openapi"),
+    path("api/docs", api_docs.api_docs, name="api-docs"),
     path("api/sandboxes", api.sandboxes, name="api-sandboxes"),
     path("api/sandboxes/<int:sandbox_id>", api.sandbox_detail, name="api-sandbox"),
     path("api/sandboxes/<int:sandbox_id>/restart-browser", api.restart_browser, name="api-restart-browser"),

@@ -9,12 +9,15 @@ route under ``/api/`` and no other, and fuzzes a live Namek from it with schemat
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
@@ -532,7 +535,7 @@ def _fields(spec: dict[str, Any], schema: dict[str, Any]) -> list[dict[str, Any]
             "name": name,
             "type": describe_schema(spec, prop),
             "required": name in required,
-            "description": resolve(spec, prop).get("description", ""),
+            "description": markup(resolve(spec, prop).get("description", "")),
         }
         for name, prop in schema.get("properties", {}).items()
     ]
@@ -575,7 +578,7 @@ def operations_for_page(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 responses.append(
                     {
                         "status": status,
-                        "description": response["description"],
+                        "description": markup(response["description"]),
                         "types": ", ".join(media),
                         "example": json.dumps(example) if example is not None else "",
                     }
@@ -587,7 +590,7 @@ def operations_for_page(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     "method": method.upper(),
                     "path": path,
                     "summary": operation.get("summary", ""),
-                    "description": operation.get("description", ""),
+                    "description": markup(operation.get("description", "")),
                     "auth": _auth_words(security),
                     "allow": ", ".join(item.get("x-allow", ())),
                     "parameters": [
@@ -596,7 +599,7 @@ def operations_for_page(spec: dict[str, Any]) -> list[dict[str, Any]]:
                             "where": p["in"],
                             "required": p.get("required", False),
                             "type": describe_schema(spec, p["schema"]),
-                            "description": p.get("description", ""),
+                            "description": markup(p.get("description", "")),
                         }
                         for p in parameters
                     ],
@@ -617,6 +620,17 @@ def _auth_words(security: list[dict[str, list[str]]]) -> str:
     return "bearer token, or session cookie"
 
 
-def paragraphs(text: str) -> list[str]:
-    """The description's paragraphs, each on one line."""
-    return [" ".join(block.split()) for block in text.split("\n\n") if block.strip()]
+_CODE = re.compile(r"`([^`]+)`")
+_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def markup(text: str) -> SafeString:
+    """The document's own text as HTML: escaped first, then `code` and **strong**."""
+    html = str(escape(" ".join(text.split())))
+    html = _CODE.sub(r"<code>\1</code>", html)
+    return mark_safe(_STRONG.sub(r"<strong>\1</strong>", html))  # escaped above
+
+
+def paragraphs(text: str) -> list[SafeString]:
+    """The description's paragraphs, marked up."""
+    return [markup(block) for block in text.split("\n\n") if block.strip()]
