@@ -338,15 +338,16 @@ def test_sandbox_processes_run_as_unprivileged_users_without_capabilities(live_n
             continue
         seen.add(name)
         expected = {"Xvnc": SCREEN_UID, "socat": FORWARDER_UID}.get(name, USER_UID)
-        if expected == USER_UID:  # the browser's family: zygotes, renderers, GPU, crashpad...
-            assert cmdline[0].startswith("/usr/lib/chromium/"), (name, uid, cmdline)
+        if expected == USER_UID:  # the browser's family (zygotes, renderers, GPU, crashpad...), the shell's
+            shell = name == "tmux: server" or (name == "bash" and cmdline[0] in ("/bin/bash", "-bash", "bash"))
+            assert shell or cmdline[0].startswith("/usr/lib/chromium/"), (name, uid, cmdline)
         assert set(status["Uid"].split()) == {str(expected)}, (name, status["Uid"])
         assert set(status["Gid"].split()) == {str(expected)}, (name, status["Gid"])
         assert status["Groups"] == "", (name, status["Groups"])
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, (name, caps, status[caps])
         assert status["NoNewPrivs"] == "1", name
-    assert {"Xvnc", "socat", "chromium"} <= seen, seen
+    assert {"Xvnc", "socat", "chromium", "tmux: server"} <= seen, seen
     # Chromium is a family of processes (zygotes, renderers, GPU, network service): all checked.
     assert sum(" chromium " in describe(p) for p in tree) >= 3, [describe(p) for p in tree]
 
@@ -452,6 +453,7 @@ def test_a_shell_in_one_sandbox_reaches_neither_the_other_sandbox_nor_namek_data
         str(data / "db.sqlite3"),
         str(data / "supervisor.sock"),
         str(data),
+        str(b_dir / "tmux" / "tmux.sock"),  # the other sandbox's shell
     ]
     for path in absent[:3] + absent[5:8]:
         assert os.path.lexists(path), f"{path} should exist on the host"
@@ -464,6 +466,7 @@ def test_a_shell_in_one_sandbox_reaches_neither_the_other_sandbox_nor_namek_data
                 str(b_dir / "screen" / "vnc.sock"),
                 str(b_dir / "cdp" / "cdp.sock"),
                 str(data / "supervisor.sock"),
+                str(b_dir / "tmux" / "tmux.sock"),
             ],
             "tcp": targets,
             "other_cdp": str(b_dir / "cdp" / "cdp.sock"),
@@ -483,6 +486,7 @@ def test_a_shell_in_one_sandbox_reaches_neither_the_other_sandbox_nor_namek_data
         "sandbox",
         "sbin",
         "tmp",
+        "tmux.conf",
         "usr",
     ]
     assert out["sandbox"] == ["cdp", "home", "namek.sock", "screen"]

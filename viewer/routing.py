@@ -2,8 +2,10 @@ from django.urls import path
 
 from viewer.consumers.dashboard import DashboardConsumer
 from viewer.consumers.screen import ScreenConsumer
+from viewer.consumers.terminal import TerminalConsumer
 
 websocket_urlpatterns = [
     path("ws/sandboxes/", DashboardConsumer.as_asgi()),
     path("ws/sandboxes/<int:sandbox_id>/screen/", ScreenConsumer.as_asgi()),
+    path("ws/sandboxes/<int:sandbox_id>/terminal/", TerminalConsumer.as_asgi()),
 ]

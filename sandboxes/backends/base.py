@@ -88,5 +88,10 @@ class SandboxBackend(abc.ABC):
         """Raise BackendError if the backend cannot serve (for /readyz)."""
 
     @abc.abstractmethod
-    def open_shell(self, sandbox_id: int) -> list[str]:
-        """The command that attaches a terminal to the sandbox's shell."""
+    def open_shell(self, sandbox_id: int, *, readonly: bool = False) -> list[str]:
+        """The command (argv) that attaches a terminal to the sandbox's one shared shell.
+
+        The caller runs it in a PTY of its own (``viewer.terminal``), one per viewer, with
+        ``TERM`` set; it ends when the viewer leaves or the sandbox goes. ``readonly``
+        clients see the shell but cannot type into it or resize it.
+        """

@@ -80,8 +80,14 @@ class LocalBackend(SandboxBackend):
     def check(self) -> None:
         self.ping()
 
-    def open_shell(self, sandbox_id: int) -> list[str]:
-        raise BackendError("the sandbox shell is not built yet: it comes with the terminal pane")
+    def open_shell(self, sandbox_id: int, *, readonly: bool = False) -> list[str]:
+        """A tmux client for the sandbox's tmux server (root may attach to any user's)."""
+        reply = self.call("shell", id=sandbox_id)
+        command = ["tmux", "-u", "-S", str(reply["path"]), "attach-session", "-t", str(reply["session"])]
+        if readonly:
+            # A read-only client must not shrink the shared window to its own size either.
+            command += ["-f", "read-only,ignore-size"]
+        return command
 
     async def watch(self) -> AsyncIterator[dict[str, Any]]:
         """Phase changes as the supervisor makes them, until the connection drops."""

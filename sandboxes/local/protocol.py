@@ -1,8 +1,9 @@
 """The supervisor's wire protocol: JSON objects, one a line, over a UNIX socket.
 
-Request:  ``{"op": "create" | "status" | "delete" | "screen" | "browser" | "list" | "ping" | "watch", ...}``
+Request:  ``{"op": "create" | "status" | "delete" | "screen" | "browser" | "shell" | "list" | "ping" | "watch", ...}``
 Response: ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "retryable": bool}``.
 
+``shell`` answers ``{"ok": true, "path": <the tmux server's socket>, "session": "main"}``.
 ``watch`` answers ``{"ok": true}`` and then streams ``{"event": "phase", "id", "phase",
 "reason"}`` lines until the client goes away. The socket is mode 0600 in the data dir:
 only Namek's own processes can talk to the supervisor.

@@ -1,7 +1,8 @@
 """The one process that owns local sandboxes.
 
 Each sandbox is a group of real processes started from ``sandbox-init.sh``: TigerVNC's
-``Xvnc``, Chromium with the DevTools protocol, and socat forwarders. With isolation on
+``Xvnc``, Chromium with the DevTools protocol, socat forwarders, and a tmux server that
+holds the sandbox's shell. With isolation on
 (the default) the group runs under bubblewrap in its own PID, network, IPC and mount
 namespaces, as unprivileged users (the screen server, the browser and the forwarders as
 three different ones, so that the browser can neither read the VNC password file nor
@@ -44,6 +45,7 @@ from sandboxes.local import protocol
 log = logging.getLogger(__name__)
 
 INIT_SCRIPT = Path(__file__).with_name("sandbox-init.sh")
+TMUX_CONF = Path(__file__).with_name("sandbox-tmux.conf")
 #: Unprivileged users for the screen server, the browser (and whatever else runs in a
 #: sandbox) and the socket forwarders: the browser user must not be able to replace the
 #: CDP socket that Namek dials (with a symlink to another sandbox's, say).
@@ -95,6 +97,10 @@ class LocalSandbox:
     @property
     def cdp_socket(self) -> Path:
         return self.dir / "cdp" / "cdp.sock"
+
+    @property
+    def tmux_socket(self) -> Path:
+        return self.dir / "tmux" / "tmux.sock"
 
 
 def describe_exit(code: int) -> str:
@@ -340,7 +346,7 @@ class Supervisor:
             }
         if op == "list":
             return {"ok": True, "sandboxes": [self._describe(s) for s in self.sandboxes.values()]}
-        if op not in ("create", "delete", "status", "screen", "browser", "restart_browser"):
+        if op not in ("create", "delete", "status", "screen", "browser", "shell", "restart_browser"):
             raise SupervisorError(f"unknown op {op!r}")
         sandbox_id = int(request["id"])
         if op == "create":
@@ -364,6 +370,9 @@ class Supervisor:
         if op == "browser":
             self._require_ready(sandbox)
             return {"ok": True, "path": str(sandbox.cdp_socket)}
+        if op == "shell":
+            self._require_ready(sandbox)
+            return {"ok": True, "path": str(sandbox.tmux_socket), "session": "main"}
         if op == "restart_browser":
             await self.restart_browser(sandbox, str(request.get("reason") or "restarted on request"))
             return {"ok": True, **self._describe(sandbox)}
@@ -420,8 +429,10 @@ class Supervisor:
         warm = next((w for w in self.warm if w.phase == "ready" and (w.width, w.height) == (width, height)), None)
         if warm is not None:
             self.warm.remove(warm)
-            self._refill()
-            await self._claim(warm, sandbox_id, name, start_url)
+            try:
+                await self._claim(warm, sandbox_id, name, start_url)
+            finally:
+                self._refill()  # after the claim: the replacement's start competes for the CPU
             return
         sandbox = self._new_sandbox(
             str(sandbox_id), sandbox_id, name=name, width=width, height=height, start_url=start_url
@@ -574,7 +585,8 @@ class Supervisor:
         shutil.rmtree(sandbox.dir, ignore_errors=True)
         sandbox.dir.mkdir(mode=0o711)
         (sandbox.dir / "logs").mkdir(mode=0o700)  # root's: see sandbox-init.sh
-        owners = {"home": USER_UID, "cdp": FORWARDER_UID, "screen": SCREEN_UID}
+        # tmux: only the browser user (and root, which attaches Namek's clients) gets in.
+        owners = {"home": USER_UID, "tmux": USER_UID, "cdp": FORWARDER_UID, "screen": SCREEN_UID}
         for sub, uid in owners.items():
             path = sandbox.dir / sub
             path.mkdir(mode=0o700)
@@ -628,6 +640,7 @@ class Supervisor:
             "USER_UID": str(USER_UID) if as_root else "",
             "FORWARDER_UID": str(FORWARDER_UID) if as_root else "",
             "FORWARD_PORT": forward_port,
+            "TMUX_CONF": "/tmux.conf" if self.isolation else str(TMUX_CONF),
             MARKER: str(self.data_dir),
             "NAMEK_SANDBOX_ID": sandbox.key,
         }
@@ -657,6 +670,7 @@ class Supervisor:
             command += ["--symlink", target, link]
         command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         command += ["--bind", str(sandbox.dir), "/sandbox", "--ro-bind", str(INIT_SCRIPT), "/init.sh"]
+        command += ["--ro-bind", str(TMUX_CONF), "/tmux.conf"]
         if self._root:
             # bwrap run by root keeps every capability unless told otherwise. The init
             # script needs only these, to become the unprivileged users (SETPCAP lets
@@ -702,13 +716,16 @@ class Supervisor:
         await self._fail(sandbox, reason)
 
     async def _await_ready(self, sandbox: LocalSandbox) -> None:
-        """Ready means a real RFB handshake with the password and CDP answering."""
+        """Ready means a real RFB handshake with the password, CDP answering and the shell's
+        tmux server listening."""
         deadline = time.monotonic() + self.start_timeout
         last_error = "nothing answered"
         while time.monotonic() < deadline and not sandbox.deleting and sandbox.phase == "starting":
             try:
                 await rfb.probe(str(sandbox.vnc_socket), sandbox.password)
                 version = json.loads(await http_get_unix(str(sandbox.cdp_socket), "/json/version"))
+                if not sandbox.tmux_socket.is_socket():
+                    raise OSError("the shell's tmux server is not listening yet")
                 if "webSocketDebuggerUrl" in version:
                     await self._set_phase(sandbox, "ready")
                     return

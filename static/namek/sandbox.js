@@ -1,14 +1,17 @@
 // The sandbox page: the live screen, and the sandbox's phase kept live.
 import { api, describeClose, followSandboxes } from "./common.js";
 import { showScreen } from "./screen.js";
+import { mountTerminal } from "./terminal.js";
 
 const sandbox = JSON.parse(document.getElementById("sandbox-data").textContent);
 const phaseBadge = document.getElementById("phase");
 const statusLine = document.getElementById("screen-status");
 const container = document.getElementById("screen");
+const terminalBox = document.getElementById("terminal");
 const deleteButton = document.getElementById("delete-button");
 const restartButton = document.getElementById("restart-button");
 let screen = null;
+let terminal = null;
 
 function setStatus(text, kind) {
   statusLine.textContent = text;
@@ -22,9 +25,12 @@ function applyPhase(s) {
   restartButton.hidden = s.phase !== "ready";
   if (s.phase === "ready" && !screen) {
     screen = showScreen(container, s.id, { onState: setStatus });
+    terminal = mountTerminal(terminalBox, s.id, { onState: (text) => { terminalBox.title = text; } });
   } else if (s.phase !== "ready" && screen) {
     screen.stop();
+    terminal.stop();
     screen = null;
+    terminal = null;
   }
   if (s.phase === "starting" || s.phase === "pending") setStatus("The sandbox is starting…", "retry");
   if (s.phase === "failed") setStatus(`The sandbox failed: ${s.failure_reason || "no reason given"}`, "final");

@@ -1,0 +1,149 @@
+"""``/ws/sandboxes/<id>/terminal/``: the sandbox's shell. Translates frames only; the
+PTY and its process belong to ``viewer.terminal``.
+
+The wire protocol is terminado's: text frames, each a JSON array ``[kind, ...]``.
+
+Browser to server:
+
+- ``["stdin", text]``: keystrokes (ignored from a read-only viewer);
+- ``["set_size", rows, cols]``: integers from 1 to 1000;
+- ``["ack", n]``: the viewer has received ``n`` ``stdout`` messages in all. Namek's
+  addition: output pauses while ``window`` messages are unacknowledged, so that a slow
+  browser makes tmux wait instead of Daphne buffering without bound.
+
+Server to browser:
+
+- ``["setup", {"readonly": bool, "sandbox": id, "window": n}]`` once, first;
+- ``["stdout", text]``;
+- ``["disconnect", code]`` just before the server closes with that code.
+
+Bad input closes the socket: binary frames, malformed JSON, unknown kinds, wrong
+arguments, absurd sizes and bad acknowledgements with 4400, frames over 64 KiB with 4413,
+more input than the shell takes with 4429. A sandbox that is not ready, or whose shell
+cannot be attached, closes with 1011 (the page retries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
+
+from sandboxes.access import can_use
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError
+from sandboxes.models import Sandbox
+from viewer.closecodes import Close
+from viewer.consumers.base import NamekConsumer
+from viewer.terminal import WINDOW, Terminal, TerminalError, TooMuchInput
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024
+
+
+class TerminalConsumer(NamekConsumer):
+    terminal: Terminal | None = None
+    readonly = True
+
+    @staticmethod
+    def may_type(user: Any, sandbox: Sandbox) -> bool:
+        """Whether this viewer's keystrokes reach the shell (the takeover issue narrows it)."""
+        return can_use(user, sandbox)
+
+    async def opened(self) -> None:
+        assert self.sandbox is not None
+        if self.sandbox.phase != "ready":
+            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
+            return
+        self.readonly = not await database_sync_to_async(self.may_type)(self.scope["user"], self.sandbox)
+        backend = get_backend(self.sandbox.backend)
+        try:
+            argv = await sync_to_async(backend.open_shell, thread_sensitive=False)(
+                self.sandbox.pk, readonly=self.readonly
+            )
+        except BackendError as exc:
+            await self.close_with(Close.UNREACHABLE, str(exc))
+            return
+        # setup goes first: once started, the terminal sends output whenever it has some.
+        await self.send_message(["setup", {"readonly": self.readonly, "sandbox": self.sandbox.pk, "window": WINDOW}])
+        terminal = Terminal(argv, self.send_stdout, self.shell_ended)
+        try:
+            terminal.start()
+        except OSError as exc:
+            log.warning("sandbox %s: cannot attach a terminal: %s", self.sandbox.pk, exc)
+            await self.close_with(Close.UNREACHABLE, "the shell cannot be attached")
+            return
+        self.terminal = terminal
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # As in the screen consumer: keystrokes and acks never touch the database, so they
+        # skip Channels' per-handler thread hop that closes stale connections.
+        if message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.terminal is None or self.closing:
+            return
+        if text_data is None:
+            await self.close_with(Close.BAD_MESSAGE, "binary frames are not accepted")
+            return
+        if len(text_data) > MAX_MESSAGE or len(text_data.encode()) > MAX_MESSAGE:
+            await self.close_with(Close.TOO_BIG, f"over {MAX_MESSAGE} bytes")
+            return
+        try:
+            self.handle(json.loads(text_data))
+        except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            await self.close_with(Close.BAD_MESSAGE, str(exc))
+        except TooMuchInput as exc:
+            await self.close_with(Close.RATE_LIMITED, str(exc))
+        except TerminalError as exc:
+            await self.close_with(Close.BAD_MESSAGE, str(exc))
+
+    def handle(self, message: Any) -> None:
+        assert self.terminal is not None
+        if not isinstance(message, list) or not message or not isinstance(message[0], str):
+            raise ValueError("expected a JSON array [kind, ...]")
+        kind, args = message[0], message[1:]
+        if kind == "stdin" and len(args) == 1 and isinstance(args[0], str):
+            if not self.readonly:
+                self.terminal.write(args[0])
+        elif kind == "set_size" and len(args) == 2 and all(_is_int(a) for a in args):
+            self.terminal.resize(args[0], args[1])
+        elif kind == "ack" and len(args) == 1 and _is_int(args[0]):
+            self.terminal.ack(args[0])
+        elif kind in ("stdin", "set_size", "ack"):
+            raise ValueError(f"bad arguments for {kind}")
+        else:
+            raise ValueError(f"unknown message kind {kind[:40]!r}")
+
+    async def send_message(self, message: list[Any]) -> None:
+        if not self.closing:
+            await self.send(text_data=json.dumps(message))
+
+    async def send_stdout(self, text: str) -> None:
+        await self.send_message(["stdout", text])
+
+    async def shell_ended(self) -> None:
+        # The tmux client ended: its server went (the sandbox stops, or it restarts the
+        # server). Not final: the page reconnects.
+        await self.close_with(Close.UNREACHABLE, "the shell ended")
+
+    async def close_with(self, code: Close, detail: str = "") -> None:
+        if not self.closing:
+            await self.send_message(["disconnect", int(code)])
+        await super().close_with(code, detail)
+
+    async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.terminal is not None:
+            await self.terminal.close()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
