@@ -53,15 +53,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import shutil
-import signal
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +66,7 @@ from typing import Any
 import psutil
 
 from sandboxes import rfb
+from tests.benchmarks import cli
 from tests.live import LiveNamek
 
 SERVERS = ("xvnc", "xvfb-x11vnc")
@@ -748,10 +745,6 @@ def report(result: dict[str, Any]) -> str:
 # --- main ---------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def chromium_version() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(
@@ -817,28 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.idle < 0 or args.poll <= 0 or args.settle < 0:
         parser.error("--runs must be at least 1, --poll positive, --idle and --settle not negative")
 
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds through the finally, as Ctrl-C does
-    base = Path(tempfile.mkdtemp(prefix="namek-platform-bench-"))
-    keep = args.keep
-    try:
-        result = run_benchmark(args, base)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BaseException:
-        keep = True
-        print(f"failed; logs are in {base}/*/logs", file=sys.stderr)
-        raise
-    finally:
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
-
-    print(report(result))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nsaved {out} ({result['seconds']:.0f} s)", file=sys.stderr)
-    return 0
+    return cli.run(args, "namek-platform-bench-", run_benchmark, report)
 
 
 if __name__ == "__main__":

@@ -53,13 +53,11 @@ import http.client
 import importlib.metadata
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +65,7 @@ from typing import Any
 
 import psutil
 
+from tests.benchmarks import cli
 from tests.benchmarks.rfbclient import (
     ENCODINGS,
     NamekRelayTransport,
@@ -418,10 +417,6 @@ async def bench(
     return await measure_all(ends, args.seconds, args.runs)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     """Set everything up, measure, and tear everything down again (also on errors)."""
     namek = LiveNamek(base)
@@ -490,28 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.seconds <= 0:
         parser.error("--runs must be at least 1 and --seconds positive")
 
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds through the finally, as Ctrl-C does
-    base = Path(tempfile.mkdtemp(prefix="namek-bench-"))
-    keep = args.keep
-    try:
-        result = run_benchmark(args, base)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BaseException:
-        keep = True
-        print(f"failed; logs are in {base / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
-
-    print(report(result))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nsaved {out}", file=sys.stderr)
-    return 0
+    return cli.run(args, "namek-bench-", run_benchmark, report)
 
 
 if __name__ == "__main__":
