@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.live import LiveNamek
+from tests.live import LiveNamek, ready_sandbox, running
 
 
 @pytest.fixture(scope="session")
@@ -15,25 +15,19 @@ def live_namek(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNamek]:
 
     Short flow-control settings so that the slow-reader test ends quickly.
     """
-    namek = LiveNamek(
+    with running(
         tmp_path_factory.mktemp("live"),
         NAMEK_RELAY_WINDOW=str(2 * 1024 * 1024),
         NAMEK_RELAY_STALL_SECONDS="3",
-    )
-    try:
-        yield namek.start()
-    finally:
-        namek.stop()
+    ) as namek:
+        yield namek
 
 
 @pytest.fixture
 def sandbox(live_namek: LiveNamek) -> Iterator[dict]:
     """A ready sandbox of the owner, deleted after the test."""
-    created = live_namek.create_sandbox()
-    try:
+    with ready_sandbox(live_namek) as created:
         yield created
-    finally:
-        live_namek.delete_sandbox(created["id"])
 
 
 @pytest.fixture

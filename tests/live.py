@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,23 @@ class LiveNamek:
         path = LocalBackend(str(self.data_dir / "supervisor.sock")).browser_target(sandbox_id).endpoint.unix_path
         assert path
         return path
+
+
+@contextlib.contextmanager
+def running(base: Path, **env: str) -> Iterator[LiveNamek]:
+    """A started LiveNamek, stopped (and checked for leftovers) at the end."""
+    namek = LiveNamek(base, **env)
+    try:
+        yield namek.start()
+    finally:
+        namek.stop()
+
+
+@contextlib.contextmanager
+def ready_sandbox(namek: LiveNamek, who: str = "owner", **body: Any) -> Iterator[dict[str, Any]]:
+    """A ready sandbox, deleted at the end."""
+    created = namek.create_sandbox(who=who, **body)
+    try:
+        yield created
+    finally:
+        namek.delete_sandbox(created["id"], who=who)

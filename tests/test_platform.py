@@ -15,7 +15,7 @@ import pytest
 from sandboxes import rfb
 from sandboxes.backends.local import LocalBackend
 from sandboxes.local.supervisor import http_get_unix
-from tests.live import LiveNamek
+from tests.live import LiveNamek, running
 
 pytestmark = pytest.mark.processes
 
@@ -104,17 +104,14 @@ async def security_types(path: str) -> bytes:
 
 @pytest.fixture(scope="module", params=["xvnc", "xvfb-x11vnc"])
 def platform(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNamek]:
-    namek = LiveNamek(
+    with running(
         tmp_path_factory.mktemp(f"platform-{request.param}"),
         NAMEK_SCREEN=request.param,
         NAMEK_WARM_POOL="1",
         NAMEK_MAX_SANDBOXES_PER_USER="2",
         NAMEK_MAX_SANDBOXES="3",
-    )
-    try:
-        yield namek.start()
-    finally:
-        namek.stop()
+    ) as namek:
+        yield namek
 
 
 def test_a_claim_from_the_warm_pool_is_ready_at_once_and_the_pool_refills(platform: LiveNamek) -> None:
@@ -198,16 +195,13 @@ def test_caps_refuse_with_429_for_a_user_and_503_for_namek(platform: LiveNamek) 
 
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNamek]:
-    namek = LiveNamek(
+    with running(
         tmp_path_factory.mktemp("short-lived"),
         NAMEK_IDLE_TIMEOUT="3",
         NAMEK_MAX_LIFETIME="60",
         NAMEK_REAPER_INTERVAL="0.5",
-    )
-    try:
-        yield namek.start()
-    finally:
-        namek.stop()
+    ) as namek:
+        yield namek
 
 
 def test_an_idle_sandbox_stops_on_time_and_a_watched_one_does_not(short_lived: LiveNamek) -> None:

@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sandboxes import rfb
 from tests import cast
-from tests.live import LiveNamek
+from tests.live import LiveNamek, ready_sandbox
 from viewer.closecodes import REASONS, Close
 from viewer.screen_relay import READ_CHUNK
 
@@ -46,11 +46,8 @@ ENCODING_RAW = 0
 @pytest.fixture(scope="module")
 def screen_sandbox(live_namek: LiveNamek) -> Iterator[dict[str, Any]]:
     """One ready sandbox shared by this module's tests (a sandbox takes seconds to start)."""
-    created = live_namek.create_sandbox(name="relay-tests")
-    try:
+    with ready_sandbox(live_namek, name="relay-tests") as created:
         yield created
-    finally:
-        live_namek.delete_sandbox(created["id"])
 
 
 # --- an RFB client over the relay websocket ----------------------------------------------

@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sandboxes.backends.local import LocalBackend
-from tests.live import LiveNamek
+from tests.live import LiveNamek, ready_sandbox
 from viewer.consumers.terminal import TerminalConsumer
 from viewer.terminal import Terminal
 
@@ -27,11 +27,8 @@ pytestmark = pytest.mark.processes
 @pytest.fixture(scope="module")
 def shell_box(live_namek: LiveNamek) -> Iterator[dict[str, Any]]:
     """One sandbox for the module: every test leaves the shell usable for the next."""
-    created = live_namek.create_sandbox(name="terminal")
-    try:
+    with ready_sandbox(live_namek, name="terminal") as created:
         yield created
-    finally:
-        live_namek.delete_sandbox(created["id"])
 
 
 class Viewer:
