@@ -100,6 +100,9 @@ async def test_typed_commands_run_in_the_sandbox_and_their_output_comes_back(
         assert viewer.setup == {"readonly": False, "sandbox": shell_box["id"], "window": 32}
         await viewer.type("echo AB$((6*7))CD $(id -u) $PWD $HOME $DISPLAY")
         await viewer.wait_for("AB42CD 61001 /sandbox/home /sandbox/home :1")
+        # The sandbox's users have names (no "I have no name!" prompt).
+        await viewer.type("echo WHO-$(whoami)")
+        await viewer.wait_for("WHO-sandbox")
 
 
 async def test_a_second_viewer_sees_the_earlier_output(live_namek: LiveNamek, shell_box: dict[str, Any]) -> None:

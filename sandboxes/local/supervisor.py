@@ -260,6 +260,7 @@ class Supervisor:
         self.acquire_lock()
         self.sweep_leftovers()
         self.sandboxes_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self._write_accounts()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path), limit=protocol.MAX_LINE)
@@ -269,6 +270,25 @@ class Supervisor:
             self.socket_path, self.isolation, self.screen_server, self.warm_pool,
         )  # fmt: skip
         self._refill()
+
+    def _write_accounts(self) -> None:
+        """/etc/passwd and /etc/group as sandboxes see them: the host's plus our three users,
+        so that the shell, tmux and Chromium can name who they run as."""
+        etc = self.data_dir / "sandbox-etc"
+        etc.mkdir(mode=0o755, exist_ok=True)
+        users = (
+            ("sandbox", USER_UID, "/sandbox/home", "/bin/bash"),
+            ("namek-screen", SCREEN_UID, "/nonexistent", "/usr/sbin/nologin"),
+            ("namek-forwarder", FORWARDER_UID, "/nonexistent", "/usr/sbin/nologin"),
+        )
+        for name, host_file, line in (
+            ("passwd", "/etc/passwd", "{0}:x:{1}:{1}:Namek {0}:{2}:{3}\n"),
+            ("group", "/etc/group", "{0}:x:{1}:\n"),
+        ):
+            host = Path(host_file).read_text()
+            extra = "".join(line.format(*user) for user in users)
+            (etc / name).write_text(host.rstrip("\n") + "\n" + extra)
+            (etc / name).chmod(0o644)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -671,6 +691,8 @@ class Supervisor:
         command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp"]
         command += ["--bind", str(sandbox.dir), "/sandbox", "--ro-bind", str(INIT_SCRIPT), "/init.sh"]
         command += ["--ro-bind", str(TMUX_CONF), "/tmux.conf"]
+        for name in ("passwd", "group"):
+            command += ["--ro-bind", str(self.data_dir / "sandbox-etc" / name), f"/etc/{name}"]
         if self._root:
             # bwrap run by root keeps every capability unless told otherwise. The init
             # script needs only these, to become the unprivileged users (SETPCAP lets
