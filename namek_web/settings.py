@@ -161,6 +161,8 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
+#: event screenshots (served by Namek's views, which check access; no MEDIA_URL)
+MEDIA_ROOT = DATA_DIR / "media"
 
 LOGGING = {
     "version": 1,

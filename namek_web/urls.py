@@ -25,5 +25,18 @@ urlpatterns = [
     path("api/sandboxes", api.sandboxes, name="api-sandboxes"),
     path("api/sandboxes/<int:sandbox_id>", api.sandbox_detail, name="api-sandbox"),
     path("api/sandboxes/<int:sandbox_id>/restart-browser", api.restart_browser, name="api-restart-browser"),
+    path("api/sandboxes/<int:sandbox_id>/events", api.sandbox_events, name="api-events"),
+    path(
+        "api/sandboxes/<int:sandbox_id>/events/<int:seq>/screenshot",
+        api.event_image,
+        {"which": "screenshot"},
+        name="api-event-screenshot",
+    ),
+    path(
+        "api/sandboxes/<int:sandbox_id>/events/<int:seq>/thumbnail",
+        api.event_image,
+        {"which": "thumbnail"},
+        name="api-event-thumbnail",
+    ),
     re_path(r"^api/(?P<rest>.*)$", api.api_not_found),
 ]

@@ -12,20 +12,25 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.core.files.storage import default_storage
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
-from sandboxes import services
+from sandboxes import events, services
 from sandboxes.access import can_use, can_view, visible_sandboxes
 from sandboxes.auth import authenticate_request
 from sandboxes.backends.base import BackendError
-from sandboxes.models import Phase, Sandbox
+from sandboxes.models import Event, Phase, Sandbox
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
 CREATE_FIELDS = {"name", "screen"}
+NOTE_FIELDS = {"text", "data"}
+EVENTS_LIMIT = 100
+EVENTS_MAX_LIMIT = 1000
+
 
 View = Callable[..., HttpResponse]
 
@@ -113,7 +118,7 @@ def sandbox_detail(request: HttpRequest, sandbox_id: int) -> HttpResponse:
     if request.method == "DELETE":
         if not can_use(request.user, found):
             return json_error(403, "not allowed")
-        found = services.delete_sandbox(found)
+        found = services.delete_sandbox(found, by=request.user.get_username())
     return JsonResponse(services.sandbox_json(found))
 
 
@@ -126,6 +131,66 @@ def restart_browser(request: HttpRequest, sandbox_id: int) -> HttpResponse:
         return json_error(403, "not allowed")
     found = services.restart_browser(found, request.user.get_username())
     return JsonResponse(services.sandbox_json(found))
+
+
+@api_view(("GET", "POST"))
+def sandbox_events(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    """GET: the log after ``after``, oldest first. POST: add a note (``person.note``)."""
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    try:
+        if request.method == "GET":
+            return _list_events(request, found)
+        if not can_use(request.user, found):
+            return json_error(403, "not allowed")
+        return _add_note(request, found)
+    except ValueError as exc:  # EventError is one
+        return json_error(400, str(exc))
+
+
+def _list_events(request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
+    after = events.parse_seq(request.GET.get("after"), "after", 0)
+    limit = events.parse_seq(request.GET.get("limit"), "limit", EVENTS_LIMIT)
+    if not 1 <= limit <= EVENTS_MAX_LIMIT:
+        raise ValueError(f"limit: must be from 1 to {EVENTS_MAX_LIMIT}, not {limit}")
+    page = events.events_after(sandbox.pk, after, limit)
+    return JsonResponse({"events": page, "next_after": page[-1]["seq"] if page else after})
+
+
+def _add_note(request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
+    body = _json_body(request)
+    unknown = sorted(set(body) - NOTE_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(NOTE_FIELDS))}")
+    text = body.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text: a non-empty string is required")
+    event = events.record(sandbox.pk, "person.note", text, data=body.get("data", {}), actor=request.user.get_username())
+    return JsonResponse(event, status=201)
+
+
+@api_view(("GET",))
+def event_image(request: HttpRequest, sandbox_id: int, seq: int, which: str) -> HttpResponse:
+    """An event's screenshot or its thumbnail, for those who may see the sandbox."""
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    event = Event.objects.filter(sandbox=found, seq=seq).first()
+    if event is None:
+        return json_error(404, f"sandbox {sandbox_id} has no event {seq}")
+    name = event.screenshot if which == "screenshot" else event.thumbnail
+    if not name:
+        return json_error(404, f"event {seq} has no {which}")
+    try:
+        handle = default_storage.open(name, "rb")
+    except OSError:
+        return json_error(404, f"the {which} of event {seq} is gone")
+    content_type = "image/png" if name.endswith(".png") else "image/jpeg"
+    response = FileResponse(handle, content_type=content_type)
+    response["Cache-Control"] = "private, max-age=86400, immutable"
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 @csrf_exempt

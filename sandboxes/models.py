@@ -1,4 +1,5 @@
-"""The domain's state: sandboxes and API tokens. Transitions live in ``services``."""
+"""The domain's state: sandboxes, their event logs and API tokens. Transitions live in
+``services``, events are written by ``events``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class Phase(models.TextChoices):
@@ -38,6 +40,8 @@ class Sandbox(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    #: the sequence number of the sandbox's newest event (0: none yet)
+    event_seq = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -56,6 +60,38 @@ class Sandbox(models.Model):
         digest = hashlib.sha256(f"namek-sandbox-{self.pk}".encode()).digest()
         palette = ("#d62828", "#2a9d8f", "#f77f00", "#3a86ff", "#8338ec", "#06d6a0", "#ff006e", "#118ab2")
         return palette[digest[0] % len(palette)]
+
+
+class Source(models.TextChoices):
+    SYSTEM = "system"
+    AGENT = "agent"
+    PERSON = "person"
+
+
+class Event(models.Model):
+    """One line of a sandbox's event log. ``seq`` counts from 1 per sandbox, without gaps.
+
+    The screenshot and its thumbnail are files in Django's default storage (the data
+    dir's ``media/``), named here; see ``sandboxes.events``.
+    """
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="events")
+    seq = models.PositiveBigIntegerField()
+    at = models.DateTimeField(default=timezone.now)
+    kind = models.CharField(max_length=64)
+    source = models.CharField(max_length=8, choices=Source.choices)
+    actor = models.CharField(max_length=150, blank=True)
+    text = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    screenshot = models.CharField(max_length=200, blank=True)
+    thumbnail = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["sandbox", "seq"]
+        constraints = [models.UniqueConstraint(fields=["sandbox", "seq"], name="event_seq_unique_per_sandbox")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.seq} of sandbox {self.sandbox_id}"
 
 
 class ApiTokenQuerySet(models.QuerySet["ApiToken"]):

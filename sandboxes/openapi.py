@@ -21,7 +21,8 @@ from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
-from sandboxes.models import Phase
+from sandboxes import events
+from sandboxes.models import Phase, Source
 
 OPENAPI_VERSION = "3.0.3"
 SCREEN_PATTERN = r"^\d{3,4}x\d{3,4}$"
@@ -77,8 +78,22 @@ SANDBOX_EXAMPLE: dict[str, Any] = {
     "updated_at": "2025-05-01T09:30:04.500000+00:00",
     "ready_at": "2025-05-01T09:30:04.500000+00:00",
     "stopped_at": None,
+    "last_event_seq": 3,
     "url": "/sandboxes/7/",
     "screen_ws": "/ws/sandboxes/7/screen/",
+}
+
+EVENT_EXAMPLE: dict[str, Any] = {
+    "sandbox": 7,
+    "seq": 2,
+    "at": "2025-05-01T09:30:04.500000+00:00",
+    "kind": "sandbox.ready",
+    "source": "system",
+    "actor": "namek",
+    "text": "Ready after 4.38 s",
+    "data": {"seconds": 4.38},
+    "screenshot_url": None,
+    "thumbnail_url": None,
 }
 
 
@@ -109,10 +124,39 @@ def _components() -> dict[str, Any]:
             "updated_at": timestamp,
             "ready_at": {**timestamp, "nullable": True},
             "stopped_at": {**timestamp, "nullable": True},
+            "last_event_seq": {
+                "type": "integer",
+                "format": "int64",
+                "minimum": 0,
+                "description": "the `seq` of its newest event (0: none yet)",
+            },
             "url": {"type": "string", "description": "the sandbox's page in Namek (a path)"},
             "screen_ws": {"type": "string", "description": "the websocket path of its screen (RFB)"},
         },
         "example": SANDBOX_EXAMPLE,
+    }
+    event = {
+        "type": "object",
+        "description": "One line of a sandbox's event log; the kinds and their `data` are listed in the README.",
+        "additionalProperties": False,
+        "required": list(EVENT_EXAMPLE),
+        "properties": {
+            "sandbox": {"type": "integer", "format": "int64", "minimum": 1},
+            "seq": {"type": "integer", "format": "int64", "minimum": 1, "description": "1, 2, 3, ... per sandbox"},
+            "at": timestamp,
+            "kind": {"type": "string", "description": "e.g. `sandbox.ready`, `terminal.opened`, `person.note`"},
+            "source": {"type": "string", "enum": list(Source.values)},
+            "actor": {"type": "string", "description": "a username, an agent's name, or `namek`"},
+            "text": {
+                "type": "string",
+                "maxLength": events.MAX_TEXT,
+                "description": "plain text, for people (never markup)",
+            },
+            "data": {"type": "object", "description": "the kind's fields"},
+            "screenshot_url": {"type": "string", "nullable": True, "description": "a path; null when none"},
+            "thumbnail_url": {"type": "string", "nullable": True, "description": "a path; null when none"},
+        },
+        "example": EVENT_EXAMPLE,
     }
     error = {
         "type": "object",
@@ -164,6 +208,38 @@ def _components() -> dict[str, Any]:
                 },
                 "example": {"name": "checkout-flow", "screen": "1280x800"},
             },
+            "Event": event,
+            "EventPage": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["events", "next_after"],
+                "properties": {
+                    "events": {"type": "array", "items": _ref("schemas", "Event")},
+                    "next_after": {
+                        "type": "integer",
+                        "format": "int64",
+                        "minimum": 0,
+                        "description": "the `after` that asks for the next page (`after` itself when empty)",
+                    },
+                },
+            },
+            "CreateNote": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["text"],
+                "properties": {
+                    "text": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": f"what to note (not only spaces); cut at {events.MAX_TEXT} characters",
+                    },
+                    "data": {
+                        "type": "object",
+                        "description": f"anything to keep with it, at most {events.MAX_DATA_BYTES} bytes as JSON",
+                    },
+                },
+                "example": {"text": "the checkout page is slow again", "data": {"ticket": "OPS-42"}},
+            },
             "Error": error,
             "Health": {
                 "type": "object",
@@ -200,7 +276,7 @@ def _components() -> dict[str, Any]:
                 "X-CSRFToken header.",
                 "not allowed",
             ),
-            "NotFound": error_response("No such sandbox.", "no sandbox 7"),
+            "NotFound": error_response("No such sandbox (or event, or image).", "no sandbox 7"),
             "MethodNotAllowed": method_not_allowed,
             "Conflict": error_response(
                 "The sandbox is not in a phase that allows this.", "the sandbox is starting, not ready"
@@ -353,6 +429,103 @@ def _paths() -> dict[str, Any]:
                 "responses": _responses(_sandbox_ok("Restarted."), 401, 403, 404, 409, 502, 503),
             },
         },
+        "/api/sandboxes/{id}/events": {
+            "description": "Other methods answer 405 (Allow: GET, POST). Live, the same events come over the "
+            "websocket `/ws/sandboxes/{id}/events/?after=<seq>`.",
+            "x-allow": ["GET", "POST"],
+            "parameters": [SANDBOX_ID],
+            "get": {
+                "operationId": "listEvents",
+                "tags": ["events"],
+                "summary": "Read a sandbox's event log",
+                "description": "Oldest first, the events numbered above `after`, at most `limit` of them. Page "
+                "through the log by passing `next_after` as the next `after`. Stopped sandboxes keep their log.",
+                "security": READ_SECURITY,
+                "parameters": [
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "required": False,
+                        "description": "the last `seq` you have; default 0 (from the start)",
+                        "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX},
+                        "example": 0,
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "how many at most; default 100",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "example": 100,
+                    },
+                ],
+                "responses": _responses(
+                    (
+                        "200",
+                        {"description": "A page of events.", "content": _json_content(_ref("schemas", "EventPage"))},
+                    ),
+                    400,
+                    401,
+                    403,
+                    404,
+                ),
+            },
+            "post": {
+                "operationId": "addNote",
+                "tags": ["events"],
+                "summary": "Add a note to a sandbox's event log",
+                "description": "Stored as a `person.note` event by you, and sent to everyone watching the log.",
+                "security": WRITE_SECURITY,
+                "requestBody": {"required": True, "content": _json_content(_ref("schemas", "CreateNote"))},
+                "responses": _responses(
+                    ("201", {"description": "The note's event.", "content": _json_content(_ref("schemas", "Event"))}),
+                    400,
+                    401,
+                    403,
+                    404,
+                ),
+            },
+        },
+        **{
+            f"/api/sandboxes/{{id}}/events/{{seq}}/{which}": {
+                "description": "Other methods answer 405 (Allow: GET).",
+                "x-allow": ["GET"],
+                "parameters": [
+                    SANDBOX_ID,
+                    {
+                        "name": "seq",
+                        "in": "path",
+                        "required": True,
+                        "description": "the event's `seq`",
+                        "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX},
+                        "example": 1,
+                    },
+                ],
+                "get": {
+                    "operationId": f"getEvent{which.title()}",
+                    "tags": ["events"],
+                    "summary": summary,
+                    "description": "Only for those who may see the sandbox. 404 when the event has none.",
+                    "security": READ_SECURITY,
+                    "responses": _responses(("200", {"description": "The image.", "content": content}), 401, 403, 404),
+                },
+            }
+            for which, summary, content in (
+                (
+                    "screenshot",
+                    "An event's screenshot, as the agent or person sent it",
+                    {
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                ),
+                (
+                    "thumbnail",
+                    f"An event's thumbnail (JPEG, at most {events.THUMBNAIL_SIZE[0]}x{events.THUMBNAIL_SIZE[1]})",
+                    {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                ),
+            )
+        },
         "/api/openapi.json": {
             "description": "Other methods answer 405 (Allow: GET).",
             "x-allow": ["GET"],
@@ -449,6 +622,7 @@ def document(request_or_base_url: HttpRequest | str) -> dict[str, Any]:
         "servers": [{"url": base_url_of(request_or_base_url)}],
         "tags": [
             {"name": "sandboxes", "description": "Create, list, inspect and stop sandboxes."},
+            {"name": "events", "description": "Read a sandbox's event log, add notes to it, fetch its screenshots."},
             {"name": "documentation", "description": "This document, as JSON and as a page."},
             {"name": "probes", "description": "For load balancers and orchestrators."},
         ],

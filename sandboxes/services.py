@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from namek_web.env import parse_screen_size
+from sandboxes import events
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, SandboxSpec
 from sandboxes.models import LIVE_PHASES, Phase, Sandbox
@@ -69,6 +70,7 @@ def sandbox_json(sandbox: Sandbox) -> dict[str, Any]:
         "updated_at": sandbox.updated_at.isoformat(),
         "ready_at": sandbox.ready_at.isoformat() if sandbox.ready_at else None,
         "stopped_at": sandbox.stopped_at.isoformat() if sandbox.stopped_at else None,
+        "last_event_seq": sandbox.event_seq,
         "url": reverse("sandbox", args=[sandbox.pk]),
         "screen_ws": f"/ws/sandboxes/{sandbox.pk}/screen/",
     }
@@ -124,6 +126,11 @@ def create_sandbox(owner: Any, name: Any = None, screen: Any = None) -> Sandbox:
         if not name:
             sandbox.name = f"sandbox-{sandbox.pk}"
             sandbox.save(update_fields=["name"])
+        data = {"name": sandbox.name, "screen": screen, "backend": backend.name}
+        events.append(
+            sandbox,
+            events.NewEvent("sandbox.created", f"Created {sandbox.name} ({screen})", data, actor=owner.get_username()),
+        )
     broadcast(sandbox)
     width, height = parse_screen_size(screen) or (0, 0)
     start_url = settings.NAMEK_INTERNAL_URL + reverse("sandbox-start", args=[start_page_token(sandbox.pk)])
@@ -147,16 +154,17 @@ def check_limits(owner: Any) -> None:
         raise LimitReached(f"Namek runs its maximum of {total} sandboxes: try again later", 503, total)
 
 
-def delete_sandbox(sandbox: Sandbox, reason: str = "") -> Sandbox:
+def delete_sandbox(sandbox: Sandbox, reason: str = "", by: str = "") -> Sandbox:
     """Stop the sandbox and keep its row (phase stopped) so its history survives.
 
-    ``reason`` says why when it was not the user's wish (idle, too old).
+    ``by`` is the user who asked; ``reason`` says why when it was not a person's wish
+    (idle, too old).
     """
     if sandbox.phase == Phase.STOPPED:
         return sandbox
     if reason:
         log.info("stopping sandbox %s: %s", sandbox.pk, reason)
-    record_phase(sandbox.pk, Phase.STOPPING)
+    record_phase(sandbox.pk, Phase.STOPPING, reason, by=by)
     try:
         get_backend(sandbox.backend).delete(sandbox.pk)
     except BackendError as exc:
@@ -208,8 +216,11 @@ def reap(now: datetime | None = None) -> list[tuple[int, str]]:
     return stopped
 
 
-def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str, Any] | None = None) -> bool:
-    """Move a sandbox to ``phase`` if the transition is allowed; store, then broadcast.
+def record_phase(
+    sandbox_id: int, phase: str, reason: str = "", extra: dict[str, Any] | None = None, by: str = ""
+) -> bool:
+    """Move a sandbox to ``phase`` if the transition is allowed; store it and its event,
+    then broadcast. ``by``: the user who asked, if a person did.
 
     Returns whether anything changed. Called by web processes and by the supervisor.
     """
@@ -231,6 +242,7 @@ def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str,
                 if reason and not sandbox.failure_reason:
                     sandbox.failure_reason = reason
             changed = True
+            _phase_event(sandbox, phase, reason, by)
         if phase == sandbox.phase == Phase.STOPPED and reason and not sandbox.failure_reason:
             # The backend may report the stop before the caller who knows why it stopped.
             sandbox.failure_reason = reason
@@ -239,11 +251,36 @@ def record_phase(sandbox_id: int, phase: str, reason: str = "", extra: dict[str,
             sandbox.last_browser_exit = str(extra["browser_exit"])
             sandbox.browser_restarts = int(extra.get("browser_restarts", sandbox.browser_restarts + 1))
             changed = True
+            data = {"reason": sandbox.last_browser_exit, "restarts": sandbox.browser_restarts}
+            text = f"Chromium restarted: {sandbox.last_browser_exit}"
+            events.append(sandbox, events.NewEvent("sandbox.browser_restarted", text, data))
         if changed:
             sandbox.save()
     if changed:
         broadcast(sandbox)
     return changed
+
+
+PHASE_TEXT = {
+    Phase.STOPPING: "Stopping",
+    Phase.STOPPED: "Stopped",
+    Phase.FAILED: "Failed",
+}
+
+
+def _phase_event(sandbox: Sandbox, phase: str, reason: str, by: str) -> None:
+    """The event of a phase change, added in the transaction that stores the change."""
+    if phase == Phase.READY:
+        seconds = round((sandbox.ready_at - sandbox.created_at).total_seconds(), 2) if sandbox.ready_at else None
+        new = events.NewEvent("sandbox.ready", f"Ready after {seconds} s", {"seconds": seconds})
+    elif phase in PHASE_TEXT:
+        kind = f"sandbox.{phase}"
+        text = PHASE_TEXT[phase] + (f": {reason}" if reason else f" (asked by {by})" if by else "")
+        source = "person" if by else "system"
+        new = events.NewEvent(kind, text, {"reason": reason}, source=source, actor=by)
+    else:
+        return
+    events.append(sandbox, new)
 
 
 def mark_orphans_failed(backend: str, reason: str) -> int:

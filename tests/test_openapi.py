@@ -97,7 +97,8 @@ def test_every_api_route_is_documented_and_nothing_else() -> None:
     routes = set(_routes(get_resolver().url_patterns))
     # The catch-all (JSON 404 for unknown API paths) is the one regular expression under /api/.
     assert {r for r in routes if r.startswith("^api")} == {CATCH_ALL}
-    served = {"/" + re.sub(r"<int:\w+>", "{id}", r) for r in routes - {CATCH_ALL}}
+    names = {"sandbox_id": "id", "seq": "seq"}
+    served = {"/" + re.sub(r"<int:(\w+)>", lambda m: "{" + names[m[1]] + "}", r) for r in routes - {CATCH_ALL}}
     served_api = {r for r in served if r.startswith("/api/")}
     documented = set(spec()["paths"])
     assert served_api == {p for p in documented if p.startswith("/api/")}
@@ -118,7 +119,8 @@ def test_other_methods_answer_405_with_the_documented_allow(client: Client, cast
         for method in HTTP_METHODS:
             if method in item:
                 continue
-            response = client.generic(method.upper(), path.replace("{id}", str(box.pk)), **headers)
+            concrete = path.replace("{id}", str(box.pk)).replace("{seq}", "1")
+            response = client.generic(method.upper(), concrete, **headers)
             assert response.status_code == 405, (method, path, response.content)
             assert response["Allow"] == ", ".join(documented), (method, path)
             if method != "head":

@@ -2,7 +2,8 @@
 
 With Redis the supervisor's own broadcasts reach every web process. With the in-memory
 layer (the embedded default) they cannot leave the supervisor's process, so each web
-process follows the supervisor's ``watch`` stream and re-broadcasts from the database.
+process follows the supervisor's ``watch`` stream and re-broadcasts from the database,
+and pokes the sandbox's event subscribers (the supervisor stored a phase event).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
-from sandboxes import services
+from sandboxes import events, services
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
@@ -39,6 +40,7 @@ def _rebroadcast(sandbox_id: int) -> None:
     sandbox = Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
     if sandbox is not None:
         services.broadcast(sandbox)
+        events.poke(sandbox_id)
 
 
 async def _follow(backend: object) -> None:

@@ -1,6 +1,7 @@
 from django.urls import path
 
 from viewer.consumers.dashboard import DashboardConsumer
+from viewer.consumers.events import EventsConsumer
 from viewer.consumers.screen import ScreenConsumer
 from viewer.consumers.terminal import TerminalConsumer
 
@@ -8,4 +9,5 @@ websocket_urlpatterns = [
     path("ws/sandboxes/", DashboardConsumer.as_asgi()),
     path("ws/sandboxes/<int:sandbox_id>/screen/", ScreenConsumer.as_asgi()),
     path("ws/sandboxes/<int:sandbox_id>/terminal/", TerminalConsumer.as_asgi()),
+    path("ws/sandboxes/<int:sandbox_id>/events/", EventsConsumer.as_asgi()),
 ]

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 
+from sandboxes import events
 from sandboxes.access import can_use
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError
@@ -48,6 +50,7 @@ MAX_MESSAGE = 64 * 1024
 class TerminalConsumer(NamekConsumer):
     terminal: Terminal | None = None
     readonly = True
+    attached_at = 0.0
 
     @staticmethod
     def may_type(user: Any, sandbox: Sandbox) -> bool:
@@ -78,6 +81,18 @@ class TerminalConsumer(NamekConsumer):
             await self.close_with(Close.UNREACHABLE, "the shell cannot be attached")
             return
         self.terminal = terminal
+        self.attached_at = time.monotonic()
+        await self.record("terminal.opened", "Terminal opened" + (" (read-only)" if self.readonly else ""))
+
+    async def record(self, kind: str, text: str, **data: Any) -> None:
+        assert self.sandbox is not None
+        await database_sync_to_async(events.record)(
+            self.sandbox.pk,
+            kind,
+            text,
+            data={"readonly": self.readonly, **data},
+            actor=self.scope["user"].get_username(),
+        )
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # As in the screen consumer: keystrokes and acks never touch the database, so they
@@ -143,6 +158,8 @@ class TerminalConsumer(NamekConsumer):
         self.closing = True
         if self.terminal is not None:
             await self.terminal.close()
+            seconds = round(time.monotonic() - self.attached_at, 1)
+            await self.record("terminal.closed", f"Terminal closed after {seconds} s", seconds=seconds, code=code)
 
 
 def _is_int(value: Any) -> bool:

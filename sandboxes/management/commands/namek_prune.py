@@ -3,8 +3,9 @@
 Only stopped and failed sandboxes go, once they have been so for more than N days
 (default NAMEK_RETENTION_DAYS): a stopped one counts from ``stopped_at``, a failed one
 from ``stopped_at`` or, without it, from its last change (``updated_at``). Live sandboxes
-are never touched. The supervisor removes a sandbox's directory when it stops; one that is
-still there for a pruned row is removed too.
+are never touched. Their events go with them, screenshots included. The supervisor
+removes a sandbox's directory when it stops; one that is still there for a pruned row is
+removed too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from sandboxes.events import screenshot_dir
 from sandboxes.models import Phase, Sandbox
 
 ENDED_PHASES = (Phase.STOPPED, Phase.FAILED)
@@ -70,6 +72,7 @@ class Command(BaseCommand):
         kept = set(Sandbox.objects.filter(pk__in=ids).values_list("pk", flat=True))
         for sandbox_id in sorted(set(ids) - kept):
             self._remove_directory(Path(settings.DATA_DIR) / "sandboxes" / str(sandbox_id))
+            self._remove_directory(screenshot_dir(sandbox_id))
 
     def _remove_directory(self, path: Path) -> None:
         if path.is_symlink() or not path.is_dir():
