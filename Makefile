@@ -22,6 +22,7 @@ test: setup
 bench: setup
 	$(PY) -m tests.benchmarks.relay_bench
 	$(PY) -m tests.benchmarks.platform_bench
+	$(PY) -m tests.benchmarks.terminal_bench
 
 lint: python
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

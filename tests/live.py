@@ -93,15 +93,20 @@ class LiveNamek:
         out = self.manage("shell", "-c", "from tests.cast import print_cast; print_cast()").stdout
         self.cast = json.loads(next(line for line in out.splitlines() if line.startswith("CAST "))[5:])
         self.start_supervisor()
-        self.daphne = subprocess.Popen(
-            daphne_command("127.0.0.1", self.port),
-            env=self.env,
-            cwd=ROOT,
-            stdout=self._log("daphne.log"),
-            stderr=subprocess.STDOUT,
-        )
+        self.daphne = self.start_daphne(self.port)
         self._wait(lambda: self._http_ok("/login/"), "Daphne")
         return self
+
+    def start_daphne(self, port: int) -> subprocess.Popen[bytes]:
+        """A Daphne on ``port`` with this Namek's environment (data dir, supervisor socket),
+        not yet answering; ``start()``'s is stopped by ``stop()``, any other by its caller."""
+        return subprocess.Popen(
+            daphne_command("127.0.0.1", port),
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log("daphne.log" if port == self.port else f"daphne-{port}.log"),
+            stderr=subprocess.STDOUT,
+        )
 
     def start_supervisor(self) -> subprocess.Popen[bytes]:
         socket_path = self.data_dir / "supervisor.sock"
@@ -146,9 +151,9 @@ class LiveNamek:
             time.sleep(0.1)
         raise RuntimeError(f"{what} did not come up within {timeout} s")
 
-    def _http_ok(self, path: str) -> bool:
+    def _http_ok(self, path: str, base_url: str | None = None) -> bool:
         try:
-            with urllib.request.urlopen(self.base_url + path, timeout=2) as response:
+            with urllib.request.urlopen((base_url or self.base_url) + path, timeout=2) as response:
                 return bool(response.status == 200)
         except (OSError, urllib.error.URLError):
             return False

@@ -4,6 +4,7 @@ with websockets from outside, and the PTY manager (``viewer.terminal``) on its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -17,9 +18,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sandboxes.backends.local import LocalBackend
-from tests.live import LiveNamek, ready_sandbox
+from tests.live import LiveNamek, free_port, ready_sandbox
 from viewer.consumers.terminal import TerminalConsumer
-from viewer.terminal import Terminal
+from viewer.terminal import MAX_PENDING_INPUT, Terminal
 
 pytestmark = pytest.mark.processes
 
@@ -64,16 +65,17 @@ class Viewer:
             await self.read_once(left)
 
 
-def url(namek: LiveNamek, sandbox_id: int) -> str:
-    return f"{namek.ws_base}/ws/sandboxes/{sandbox_id}/terminal/"
+def url(namek: LiveNamek, sandbox_id: int, ws_base: str | None = None) -> str:
+    """The terminal socket, on ``namek``'s Daphne or on another one (``ws_base``)."""
+    return f"{ws_base or namek.ws_base}/ws/sandboxes/{sandbox_id}/terminal/"
 
 
 def auth(namek: LiveNamek, who: str = "owner") -> dict[str, str]:
     return {"Authorization": f"Bearer {namek.token(who)}"}
 
 
-async def open_viewer(namek: LiveNamek, sandbox_id: int) -> Viewer:
-    ws = await connect(url(namek, sandbox_id), additional_headers=auth(namek), open_timeout=10, max_size=None)
+async def open_viewer(namek: LiveNamek, sandbox_id: int, ws_base: str | None = None) -> Viewer:
+    ws = await connect(url(namek, sandbox_id, ws_base), additional_headers=auth(namek), open_timeout=10, max_size=None)
     kind, setup = json.loads(await asyncio.wait_for(ws.recv(), 10))
     assert kind == "setup", (kind, setup)
     viewer = Viewer(ws, setup)
@@ -178,6 +180,87 @@ async def test_a_flood_of_output_neither_blocks_nor_bloats_the_server(
         await viewer.wait_for("AGAIN72END", timeout=90)
     grown = max(stalled, daphne.memory_info().rss) - before
     assert grown < 40 * 1024 * 1024, f"Daphne grew by {grown / 1e6:.1f} MB"
+
+
+async def test_two_daphne_processes_serve_the_same_shell(live_namek: LiveNamek, shell_box: dict[str, Any]) -> None:
+    """Any web process can serve any viewer: a second Daphne on the same data dir and
+    supervisor socket, and each of two viewers, one on either, sees what the other types."""
+    port = free_port()
+    second = live_namek.start_daphne(port)
+    try:
+
+        def up() -> bool:
+            return second.poll() is not None or live_namek._http_ok("/login/", f"http://127.0.0.1:{port}")
+
+        await asyncio.to_thread(live_namek._wait, up, "the second Daphne")
+        assert second.poll() is None, f"the second Daphne exited with {second.returncode}"
+        on_a = await open_viewer(live_namek, shell_box["id"])
+        async with on_a.ws:
+            on_b = await open_viewer(live_namek, shell_box["id"], ws_base=f"ws://127.0.0.1:{port}")
+            async with on_b.ws:
+                await on_a.type("echo FROM-A$((20+3))")
+                await on_b.wait_for("FROM-A23")
+                await on_b.type("echo FROM-B$((30+4))")
+                await on_a.wait_for("FROM-B34")
+                # B's tmux client is the second Daphne's child: that process served B.
+                clients = [child.cmdline() for child in psutil.Process(second.pid).children()]
+                assert any("attach-session" in argv for argv in clients), clients
+    finally:
+        if second.poll() is None:
+            second.terminate()
+        try:
+            second.wait(20)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            second.wait()
+
+
+def tmux_clients(socket_path: str) -> list[str]:
+    """The flags of every client attached to the sandbox's tmux server."""
+    command = ["tmux", "-S", socket_path, "list-clients", "-F", "#{client_flags}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout.split()
+
+
+async def test_keystrokes_the_shell_does_not_take_close_with_4429_and_others_carry_on(
+    live_namek: LiveNamek, shell_box: dict[str, Any]
+) -> None:
+    """A viewer suspends its tmux client (tmux's prefix, then Ctrl-Z: the tmux server stops
+    reading that client's terminal) and keeps typing. Once the PTY's kernel buffer is full
+    its keystrokes pile up in the web process, up to MAX_PENDING_INPUT; past that it is
+    closed with 4429. A viewer beside it carries on, and the shell saw none of it."""
+    argv = LocalBackend(str(live_namek.data_dir / "supervisor.sock")).open_shell(shell_box["id"])
+    socket_path = str(argv[argv.index("-S") + 1])
+    other = await open_viewer(live_namek, shell_box["id"])
+    async with other.ws:
+        await other.type("echo BEFORE$((6*6))")
+        await other.wait_for("BEFORE36")
+        stuck = await open_viewer(live_namek, shell_box["id"])
+        async with stuck.ws:
+            await stuck.wait_for("BEFORE36")  # attached: tmux drew the screen
+            stuck.output = ""
+            await stuck.send("stdin", "\x02\x1a")
+            await stuck.wait_for("\x1b[?1049l")  # tmux gave the terminal back: it no longer reads it
+            assert "suspended" in ",".join(tmux_clients(socket_path))
+            # Comment lines (harmless, had they reached the shell), 60,000 bytes a frame:
+            # under the 64 KiB a frame may have.
+            chunk = ("#" * 99 + "\r") * 600
+            sent = 0
+            with contextlib.suppress(ConnectionClosed):
+                while sent < 2 * MAX_PENDING_INPUT:
+                    await stuck.send("stdin", chunk)
+                    sent += len(chunk)
+            code, messages = await closed_with(stuck.ws)
+            assert (code, messages[-1]) == (4429, ["disconnect", 4429])
+            assert sent > MAX_PENDING_INPUT  # not refused before the limit
+        # The server keeps serving the viewer beside it...
+        await other.type("echo AFTER$((7*7))")
+        await other.wait_for("AFTER49")
+        # ...and ended the refused viewer's tmux client.
+        deadline = time.monotonic() + 10
+        while "suspended" in ",".join(flags := tmux_clients(socket_path)):
+            assert time.monotonic() < deadline, f"the suspended client is still attached: {flags}"
+            await asyncio.sleep(0.1)
+    assert "#" * 99 not in capture_pane(socket_path)
 
 
 @pytest.mark.parametrize(
