@@ -145,3 +145,78 @@ async def test_restart_browser_from_the_page_says_what_happened(live_namek: Live
         await page.close()
     finally:
         live_namek.delete_sandbox(created["id"])
+
+
+XSS = '<img src=x onerror="window.__xss = 1">'
+
+
+async def test_the_three_panes_are_live_on_one_page(
+    live_namek: LiveNamek, browser: Browser, sandbox: dict[str, Any]
+) -> None:
+    """Screen, terminal and event log; markup in an event stays text; 20 000 events keep a
+    bounded number of rows; the log follows live unless the reader scrolled up."""
+    page = await browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}"))
+    await log_in(page, live_namek.base_url)
+    await page.goto(f"{live_namek.base_url}/sandboxes/{sandbox['id']}/")
+
+    # The screen and the terminal are live, and typing in the terminal runs in the shell.
+    await page.wait_for_function("document.getElementById('screen-status').textContent === 'Live'")
+    await page.wait_for_function("document.getElementById('terminal-status').textContent === 'Live'")
+    await page.click("#terminal")
+    await page.keyboard.type("echo hi\n")
+    await page.wait_for_function(
+        "[...document.querySelectorAll('#terminal .xterm-rows > div')].some((row) => row.textContent.trim() === 'hi')",
+        timeout=15000,
+    )
+
+    # The log shows what happened so far, then live events; markup in them is text.
+    rows = page.locator("#event-log li.event")
+    await page.locator("#event-log li[data-kind='terminal.opened']").first.wait_for(timeout=10000)
+    assert await page.locator("#event-log li[data-kind='sandbox.created']").count() == 1
+    status, note = live_namek.api("POST", f"/api/sandboxes/{sandbox['id']}/events", body={"text": XSS})
+    assert status == 201
+    shown = page.locator(f"#event-log li[data-seq='{note['seq']}'] .event-text")
+    await shown.wait_for(timeout=10000)
+    assert await shown.text_content() == XSS
+    assert await page.locator("#event-log img[src='x']").count() == 0
+    assert await page.evaluate("window.__xss") is None
+
+    # A note typed on the page arrives like any other event.
+    await page.fill("#note-form input", "typed on the page")
+    await page.click("#note-form button")
+    await page.locator("#event-log .event-text", has_text="typed on the page").wait_for(timeout=10000)
+
+    # 20 000 events, written by another process: the DOM keeps at most MAX_ROWS rows.
+    before = live_namek.api("GET", f"/api/sandboxes/{sandbox['id']}")[1]["last_event_seq"]
+    script = (
+        "from sandboxes import events\n"
+        "for batch in range(20):\n"
+        f"    events.record_many({sandbox['id']}, [events.NewEvent('person.note', f'bulk {{batch}}-{{n}}',"
+        " actor='bulk') for n in range(1000)])\n"
+    )
+    live_namek.manage("shell", "-c", script, timeout=120)
+    newest = before + 20000
+    await page.locator(f"#event-log li[data-seq='{newest}']").wait_for(timeout=60000)
+    max_rows = await page.evaluate("import('/static/namek/eventlog.js').then((m) => m.MAX_ROWS)")
+    assert max_rows == 500
+    assert await rows.count() <= max_rows
+    first_shown = int(await rows.first.get_attribute("data-seq") or 0)
+    assert first_shown == newest - max_rows + 1
+    assert "not shown here" in (await page.text_content(".event-dropped") or "")
+    # Following live: the newest row is in view.
+    at_bottom = "(() => { const l = document.querySelector('.event-list'); return l.scrollTop + l.clientHeight"
+    assert await page.evaluate(at_bottom + " >= l.scrollHeight - 24; })()")
+
+    # Scrolled up, the reader stays put and is told about new events below.
+    await page.evaluate("document.querySelector('.event-list').scrollTop = 0")
+    live_namek.api("POST", f"/api/sandboxes/{sandbox['id']}/events", body={"text": "while reading"})
+    await page.locator(".event-more", has_text="1 new event").wait_for(timeout=10000)
+    assert await page.evaluate("document.querySelector('.event-list').scrollTop") == 0
+    await page.click(".event-more")
+    await page.locator(".event-more").wait_for(state="hidden")
+    assert await rows.count() <= max_rows
+    assert errors == []
+    await page.close()

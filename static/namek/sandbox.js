@@ -1,7 +1,14 @@
-// The sandbox page: the live screen, and the sandbox's phase kept live.
+// The sandbox page: three live panes (screen, terminal, event log), and the sandbox's
+// phase kept live. The log stays readable whatever the phase; screen and terminal only
+// exist while the sandbox is ready.
 import { api, describeClose, followSandboxes } from "./common.js";
+import { mountEventLog } from "./eventlog.js";
+import { enableSplitters } from "./layout.js";
 import { showScreen } from "./screen.js";
 import { mountTerminal } from "./terminal.js";
+
+// How many of the newest events the log starts with; older ones are in the API.
+const INITIAL_EVENTS = 200;
 
 const sandbox = JSON.parse(document.getElementById("sandbox-data").textContent);
 const phaseBadge = document.getElementById("phase");
@@ -10,6 +17,9 @@ const container = document.getElementById("screen");
 const terminalBox = document.getElementById("terminal");
 const deleteButton = document.getElementById("delete-button");
 const restartButton = document.getElementById("restart-button");
+const terminalStatus = document.getElementById("terminal-status");
+const logStatus = document.getElementById("log-status");
+const noteForm = document.getElementById("note-form");
 let screen = null;
 let terminal = null;
 
@@ -25,12 +35,13 @@ function applyPhase(s) {
   restartButton.hidden = s.phase !== "ready";
   if (s.phase === "ready" && !screen) {
     screen = showScreen(container, s.id, { onState: setStatus });
-    terminal = mountTerminal(terminalBox, s.id, { onState: (text) => { terminalBox.title = text; } });
+    terminal = mountTerminal(terminalBox, s.id, { onState: (text) => { terminalStatus.textContent = text; } });
   } else if (s.phase !== "ready" && screen) {
     screen.stop();
     terminal.stop();
     screen = null;
     terminal = null;
+    terminalStatus.textContent = "";
   }
   if (s.phase === "starting" || s.phase === "pending") setStatus("The sandbox is starting…", "retry");
   if (s.phase === "failed") setStatus(`The sandbox failed: ${s.failure_reason || "no reason given"}`, "final");
@@ -60,6 +71,26 @@ restartButton.addEventListener("click", async () => {
   }
 });
 
+noteForm.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = noteForm.elements.text;
+  if (!input.value.trim()) return;
+  noteForm.elements[1].disabled = true;
+  try {
+    await api("POST", `/api/sandboxes/${sandbox.id}/events`, { text: input.value });
+    input.value = "";
+  } catch (error) {
+    logStatus.textContent = `Could not add the note: ${error.message}`;
+  } finally {
+    noteForm.elements[1].disabled = false;
+  }
+});
+
+enableSplitters(document.getElementById("workspace"));
+mountEventLog(document.getElementById("event-log"), sandbox.id, {
+  after: Math.max(0, sandbox.last_event_seq - INITIAL_EVENTS),
+  onState: (text) => { logStatus.textContent = text; },
+});
 applyPhase(sandbox);
 
 followSandboxes({

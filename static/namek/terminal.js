@@ -28,7 +28,7 @@ export function mountTerminal(container, sandboxId, { onState = () => {} } = {})
     cursorBlink: true,
     scrollback: 5000,
     fontFamily: "ui-monospace, 'DejaVu Sans Mono', 'Liberation Mono', monospace",
-    fontSize: 13,
+    fontSize: window.matchMedia("(min-width: 2500px)").matches ? 22 : 13, // a wall screen reads from afar
     theme: { background: "#111111" },
   });
   const fit = new FitAddon();
