@@ -153,8 +153,8 @@ XSS = '<img src=x onerror="window.__xss = 1">'
 async def test_the_three_panes_are_live_on_one_page(
     live_namek: LiveNamek, browser: Browser, sandbox: dict[str, Any]
 ) -> None:
-    """Screen, terminal and event log; markup in an event stays text; 20 000 events keep a
-    bounded number of rows; the log follows live unless the reader scrolled up."""
+    """Screen, terminal and event log; markup in an event stays text; a thumbnail opens
+    its screenshot."""
     page = await browser.new_page(viewport={"width": 1366, "height": 768})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -173,7 +173,6 @@ async def test_the_three_panes_are_live_on_one_page(
     )
 
     # The log shows what happened so far, then live events; markup in them is text.
-    rows = page.locator("#event-log li.event")
     await page.locator("#event-log li[data-kind='terminal.opened']").first.wait_for(timeout=10000)
     assert await page.locator("#event-log li[data-kind='sandbox.created']").count() == 1
     status, note = live_namek.api("POST", f"/api/sandboxes/{sandbox['id']}/events", body={"text": XSS})
@@ -188,6 +187,39 @@ async def test_the_three_panes_are_live_on_one_page(
     await page.fill("#note-form input", "typed on the page")
     await page.click("#note-form button")
     await page.locator("#event-log .event-text", has_text="typed on the page").wait_for(timeout=10000)
+
+    # A screenshot shows as a thumbnail that opens the full image.
+    shot = (
+        "import io\nfrom PIL import Image\nfrom sandboxes import events\nout = io.BytesIO()\n"
+        "Image.new('RGB', (1280, 800), '#2a9d8f').save(out, 'PNG')\n"
+        f"print('SEQ', events.record({sandbox['id']}, 'person.note', 'look', screenshot=out.getvalue())['seq'])\n"
+    )
+    seq = int(live_namek.manage("shell", "-c", shot).stdout.split("SEQ ")[1])
+    thumb = page.locator(f"#event-log li[data-seq='{seq}'] .event-thumb")
+    await thumb.wait_for(timeout=10000)
+    await page.wait_for_function(
+        f"document.querySelector(\"#event-log li[data-seq='{seq}'] .event-thumb img\").naturalWidth === 320"
+    )
+    await thumb.click()
+    await page.wait_for_function(
+        "document.querySelector('.event-viewer').open"
+        " && document.querySelector('.event-viewer img').naturalWidth === 1280"
+    )
+    await page.click(".event-viewer button")
+    assert errors == []
+    await page.close()
+
+
+async def test_the_log_keeps_a_bounded_number_of_rows_and_follows_unless_scrolled_up(
+    live_namek: LiveNamek, browser: Browser, sandbox: dict[str, Any]
+) -> None:
+    page = await browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await log_in(page, live_namek.base_url)
+    await page.goto(f"{live_namek.base_url}/sandboxes/{sandbox['id']}/")
+    rows = page.locator("#event-log li.event")
+    await page.locator("#event-log li[data-kind='sandbox.created']").wait_for(timeout=10000)
 
     # 20 000 events, written by another process: the DOM keeps at most MAX_ROWS rows.
     before = live_namek.api("GET", f"/api/sandboxes/{sandbox['id']}")[1]["last_event_seq"]

@@ -107,6 +107,30 @@ async def test_typed_commands_run_in_the_sandbox_and_their_output_comes_back(
         await viewer.wait_for("WHO-sandbox")
 
 
+async def test_attaching_and_detaching_are_in_the_event_log(live_namek: LiveNamek, shell_box: dict[str, Any]) -> None:
+    path = f"/api/sandboxes/{shell_box['id']}"
+    before = live_namek.api("GET", path)[1]["last_event_seq"]
+    viewer = await open_viewer(live_namek, shell_box["id"])
+    async with viewer.ws:
+        await viewer.type("echo LOGGED")
+        await viewer.wait_for("LOGGED")
+    deadline = time.monotonic() + 10
+    logged: list[dict[str, Any]] = []
+    opened: dict[str, Any] | None = None
+    closed: dict[str, Any] | None = None
+    # A viewer of an earlier test may still be logging its close: look for ours, in order.
+    while time.monotonic() < deadline and closed is None:
+        logged = live_namek.api("GET", f"{path}/events?after={before}")[1]["events"]
+        opened = next((e for e in logged if e["kind"] == "terminal.opened"), None)
+        if opened is not None:
+            closed = next((e for e in logged if e["kind"] == "terminal.closed" and e["seq"] > opened["seq"]), None)
+        await asyncio.sleep(0.1)
+    assert opened is not None and closed is not None, logged
+    assert (opened["actor"], opened["source"], opened["data"]) == ("owner", "person", {"readonly": False})
+    assert closed["actor"] == "owner" and closed["data"]["readonly"] is False
+    assert closed["data"]["code"] == 1000 and closed["data"]["seconds"] >= 0
+
+
 async def test_a_second_viewer_sees_the_earlier_output(live_namek: LiveNamek, shell_box: dict[str, Any]) -> None:
     first = await open_viewer(live_namek, shell_box["id"])
     async with first.ws:

@@ -86,13 +86,12 @@ class TerminalConsumer(NamekConsumer):
 
     async def record(self, kind: str, text: str, **data: Any) -> None:
         assert self.sandbox is not None
-        await database_sync_to_async(events.record)(
-            self.sandbox.pk,
-            kind,
-            text,
-            data={"readonly": self.readonly, **data},
-            actor=self.scope["user"].get_username(),
-        )
+        actor = self.scope["user"].get_username()
+        data = {"readonly": self.readonly, **data}
+        try:
+            await database_sync_to_async(events.record)(self.sandbox.pk, kind, text, data=data, actor=actor)
+        except Exception:  # the log is not worth a shell: the viewer keeps (or ends) its session
+            log.exception("sandbox %s: could not log %s", self.sandbox.pk, kind)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # As in the screen consumer: keystrokes and acks never touch the database, so they
