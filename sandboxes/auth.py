@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth.models import AnonymousUser
@@ -9,6 +10,10 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from sandboxes.models import ApiToken
+
+#: ``last_used_at`` is only rewritten when older than this: a write per request would
+#: serialise every API call on SQLite's write lock
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -22,7 +27,9 @@ def user_for_token(token: str) -> Any | None:
     record = ApiToken.objects.active().select_related("user").filter(digest=ApiToken.hash(token)).first()
     if record is None:
         return None
-    ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    if record.last_used_at is None or now - record.last_used_at >= LAST_USED_RESOLUTION:
+        ApiToken.objects.filter(pk=record.pk).update(last_used_at=now)
     return record.user
 
 

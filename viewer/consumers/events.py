@@ -44,6 +44,7 @@ RECHECK_SECONDS = 2.0
 class EventsConsumer(NamekConsumer):
     last = 0
     joined = False
+    lock: asyncio.Lock | None = None
     recheck: asyncio.Task[None] | None = None
 
     async def opened(self) -> None:
@@ -80,7 +81,17 @@ class EventsConsumer(NamekConsumer):
             await self.send(text_data=json.dumps(event))
             self.last = event["seq"]
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Live events need no database unless there is a gap (and database_sync_to_async
+        # closes stale connections itself): skip Channels' per-handler thread hop, which
+        # queues every event of every subscriber behind the web process's sync views.
+        if message["type"] == "events.new" and self.lock is not None:
+            await self.events_new(message)
+        else:
+            await super().dispatch(message)
+
     async def events_new(self, message: dict[str, Any]) -> None:
+        assert self.lock is not None
         async with self.lock:
             for event in message["events"]:
                 if event["seq"] == self.last + 1:
@@ -89,6 +100,7 @@ class EventsConsumer(NamekConsumer):
                     await self.catch_up()  # a gap: the database has it
 
     async def events_poke(self, message: dict[str, Any]) -> None:
+        assert self.lock is not None
         async with self.lock:
             await self.catch_up()
 
@@ -98,6 +110,7 @@ class EventsConsumer(NamekConsumer):
             await asyncio.sleep(RECHECK_SECONDS)
             newest = await database_sync_to_async(events.newest_seq)(self.sandbox.pk)
             if newest > self.last:
+                assert self.lock is not None
                 async with self.lock:
                     await self.catch_up()
 
