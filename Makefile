@@ -23,6 +23,7 @@ bench: setup
 	$(PY) -m tests.benchmarks.relay_bench
 	$(PY) -m tests.benchmarks.platform_bench
 	$(PY) -m tests.benchmarks.terminal_bench
+	$(PY) -m tests.benchmarks.events_bench
 
 lint: python
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
