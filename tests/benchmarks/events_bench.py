@@ -10,24 +10,39 @@ What it does, in one run:
    ``redis-server`` is not installed, that part is skipped and the report says so;
 2. starts a real Namek for the layer (``tests.live.LiveNamek``: supervisor + Daphne, no
    warm pool) in a temporary directory and creates one sandbox (the row events hang on);
-3. per subscriber count (1, 10, 50, in that order): opens that many websockets on
+3. per writer (``--writer``, by default both, in this order) and per subscriber count (1,
+   10, 50, in that order): opens that many websockets on
    ``/ws/sandboxes/<id>/events/?after=<last_event_seq>`` (bearer token, no read queue
    limit), so they get only events stored from then on. The handshake ends when Daphne
    accepts, before the consumer has checked the token, joined the sandbox's group and read
    the backlog (on a busy machine that takes a second or more for 50), so one marker note
-   is posted and every subscriber must have read it before anything is timed. A writer
-   thread then posts notes (``POST /api/sandboxes/<id>/events``) on one keep-alive HTTP
-   connection at 100 events/s, each at its own deadline on an absolute schedule, for 1 s
-   of warm-up (not counted) and then ``--seconds``. A post that is late goes out as soon
-   as the previous one is answered (none is skipped, none is sent after the end), so a
-   Namek slower than 100 posts/s is written to as fast as it answers: the achieved rate
-   is reported. Each subscriber notes ``time.time()`` as it reads each frame; **the
-   latency of one delivery** is that time minus the event's ``at`` (taken by Namek when it
-   stored the event; same machine, same clock). Every (subscriber, event) pair of the
-   measured part counts. After the writer stops, the subscribers are given up to
-   ``DRAIN_SECONDS`` to receive the last event; then each subscriber's stream is checked
-   against what was written (marker and warm-up included): every event exactly once
-   (``missing``, ``duplicates``) and in ``seq`` order.
+   is posted and every subscriber must have read it before anything is timed. The writer
+   then stores notes at 100 events/s, each at its own deadline on an absolute schedule, for
+   1 s of warm-up (not counted) and then ``--seconds``. A write that is late goes out as
+   soon as the previous one is done (none is skipped, none is made after the end), so a
+   writer slower than 100 events/s writes as fast as it can: the achieved rate is
+   reported. The writers:
+
+   * ``api``: a thread of this benchmark posts the notes (``POST
+     /api/sandboxes/<id>/events``) on one keep-alive HTTP connection, so Daphne both
+     stores and fans out (one sync thread for the views: it may not take 100 posts/s);
+   * ``direct``: a separate Python process with the Namek's environment (Django set up as
+     ``manage.py`` does) calls ``sandboxes.events.record(id, "person.note", text,
+     actor="bench")``, which stores the event and publishes it to the channel layer, as
+     the sandbox supervisor (another process) does with the events it writes. It is started
+     and set up before the subscribers connect, waits for a start line on its stdin, then
+     prints how many events it wrote and its achieved rate. Only the Redis layer carries a
+     message from another process to Daphne (with the in-memory layer subscribers would
+     see such events only at their 2 s database re-check), so in-memory rows use ``api``
+     only.
+
+   Each subscriber notes ``time.time()`` as it reads each frame; **the latency of one
+   delivery** is that time minus the event's ``at`` (taken by Namek when it stored the
+   event; same machine, same clock). Every (subscriber, event) pair of the measured part
+   counts. After the writer stops, the subscribers are given up to ``DRAIN_SECONDS`` to
+   receive the last event; then each subscriber's stream is checked against what was
+   written (marker and warm-up included): every event exactly once (``missing``,
+   ``duplicates``) and in ``seq`` order.
 
 **The baseline**, measured in the same run on the same connections: the websocket ping
 round trip to Daphne (``await ws.ping()``, then the pong waiter), which every subscriber
@@ -36,7 +51,7 @@ layer (autobahn, in the reactor) answers pings without the ASGI application, so 
 what any frame costs on these connections on this machine at that load; the table shows delivery p50
 and p99 divided by the ping's p50 and p99.
 
-The table shows, per layer and subscriber count, p50, p90, p99 and the maximum in
+The table shows, per layer, writer and subscriber count, p50, p90, p99 and the maximum in
 milliseconds, the ping baseline and the ratios. Results (per-row figures, per-event
 worst and best latency, every ping) are written as JSON (``--json``).
 """
@@ -66,7 +81,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.benchmarks import cli
-from tests.live import LiveNamek, free_port
+from tests.live import ROOT, LiveNamek, free_port
 
 COUNTS = (1, 10, 50)
 RATE = 100.0  # events per second
@@ -80,6 +95,19 @@ SUBSCRIBE_TIMEOUT = 60.0
 #: after the last event arrived everywhere: time for late duplicates to show up
 GRACE_SECONDS = 0.3
 MEMORY, REDIS = "in-memory", "redis"
+API, DIRECT = "api", "direct"
+WRITERS = (API, DIRECT)
+
+
+def terminate(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s; reaped either way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # --- redis ----------------------------------------------------------------------------------
@@ -127,13 +155,8 @@ class RedisServer:
         return version(["redis-server", "--version"])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -204,7 +227,7 @@ async def close_subscribers(subscribers: list[Subscriber]) -> None:
     await asyncio.gather(*(asyncio.wait_for(sub.ws.close(), 5) for sub in subscribers), return_exceptions=True)
 
 
-# --- the writer -------------------------------------------------------------------------------
+# --- the writers ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -212,29 +235,56 @@ class Written:
     seq: int
     at: float  # the event's ``at`` as a Unix time
     deadline: float  # monotonic: when it was due
-    sent: float  # monotonic: when its request was written
-    answered: float  # monotonic: when its 201 was read
+    sent: float  # monotonic: when its write began (request written, or record() called)
+    answered: float  # monotonic: when it was done (201 read, or record() returned)
     warmup: bool
 
 
 class Writer(threading.Thread):
-    """Posts notes on one keep-alive HTTP connection, one per 1/RATE seconds on an
-    absolute schedule from ``start`` (monotonic) for ``warmup`` + ``seconds``; a late
-    post goes out at once (none is skipped), and nothing is posted after the end."""
+    """Writes notes, one per 1/RATE seconds on an absolute schedule from ``start_at``
+    (monotonic) for ``warmup`` + ``seconds``; a late write goes out at once (none is
+    skipped), and nothing is written after the end. ``prepare()`` (blocking) readies it,
+    ``schedule()`` sets the times, ``start()`` runs it; ``done`` is set when it ended,
+    ``abort()`` ends it early and ``close()`` releases what it holds."""
 
-    def __init__(self, namek: LiveNamek, sandbox_id: int, start: float, warmup: float, seconds: float) -> None:
-        super().__init__(name="events-bench-writer", daemon=True)
-        self.port = namek.port
-        self.path = f"/api/sandboxes/{sandbox_id}/events"
-        self.headers = {"Authorization": f"Bearer {namek.token()}", "Content-Type": "application/json"}
-        self.start_at = start
-        self.measure_from = start + warmup
-        self.end = start + warmup + seconds
+    kind = ""
+
+    def __init__(self) -> None:
+        super().__init__(name=f"events-bench-{self.kind}-writer", daemon=True)
+        self.start_at = self.measure_from = self.end = 0.0
         self.stop = threading.Event()
         self.done = threading.Event()
         self.written: list[Written] = []
         self.error: BaseException | None = None
         self.reconnects = 0
+        #: what the writer says of itself when done (the direct writer's last line)
+        self.summary = ""
+
+    def prepare(self) -> None:
+        pass
+
+    def schedule(self, start: float, warmup: float, seconds: float) -> None:
+        self.start_at = start
+        self.measure_from = start + warmup
+        self.end = start + warmup + seconds
+
+    def abort(self) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        pass
+
+
+class ApiWriter(Writer):
+    """Posts notes on one keep-alive HTTP connection."""
+
+    kind = "api"
+
+    def __init__(self, namek: LiveNamek, sandbox_id: int) -> None:
+        super().__init__()
+        self.port = namek.port
+        self.path = f"/api/sandboxes/{sandbox_id}/events"
+        self.headers = {"Authorization": f"Bearer {namek.token()}", "Content-Type": "application/json"}
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -284,47 +334,211 @@ class Writer(threading.Thread):
         )
 
 
+#: what the direct writer process runs: Django set up as manage.py does, then direct_writer()
+DIRECT_WRITER_CODE = (
+    "import django, sys; django.setup(); "
+    "from tests.benchmarks.events_bench import direct_writer; sys.exit(direct_writer(int(sys.argv[1])))"
+)
+
+
+def direct_writer(sandbox_id: int) -> int:
+    """The direct writer process (``DIRECT_WRITER_CODE``). Prints ``READY`` once set up,
+    waits for ``GO <start> <warmup> <seconds>`` on stdin (``start`` is a ``time.monotonic()``
+    of the benchmark's: on Linux that clock is the same in every process), stores notes with
+    ``sandboxes.events.record`` on the schedule, then prints ``RESULT <json>`` (every event:
+    seq, at, deadline, start and end of its record() call) and a line saying how many events
+    it wrote and its achieved rate. An empty stdin ends it without writing.
+
+    record() is called as the sandbox supervisor calls ``services``: from an asyncio loop
+    through ``sync_to_async``, so the publish in it (``async_to_sync``) runs on that loop and
+    reuses its channel layer connections. (Called from plain sync code, every publish would
+    make an event loop, a thread and a Redis connection of its own.)"""
+    return asyncio.run(_direct_writer(sandbox_id))
+
+
+async def _direct_writer(sandbox_id: int) -> int:
+    from asgiref.sync import sync_to_async
+    from django.db import connection
+
+    from sandboxes import events
+
+    record = sync_to_async(events.record)
+    await sync_to_async(connection.ensure_connection)()
+    print("READY", flush=True)
+    words = (await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)).split()
+    if len(words) != 4 or words[0] != "GO":
+        return 0
+    start, warmup, seconds = (float(word) for word in words[1:])
+    measure_from, end = start + warmup, start + warmup + seconds
+    written: list[list[Any]] = []
+    number = 0
+    while True:
+        deadline = start + number / RATE
+        if deadline >= end or time.monotonic() >= end:
+            break
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent = time.monotonic()
+        event = await record(sandbox_id, "person.note", f"events-bench note {number}", actor="bench")
+        answered = time.monotonic()
+        if event is None:
+            raise RuntimeError(f"sandbox {sandbox_id} is gone")
+        written.append([event["seq"], event["at"], deadline, sent, answered])
+        number += 1
+    measured = sum(1 for w in written if w[3] >= measure_from)
+    print("RESULT " + json.dumps(written), flush=True)
+    print(
+        f"direct writer: wrote {len(written)} events ({measured} in the measured {seconds:g} s, "
+        f"{len(written) - measured} in the warm-up): {measured / seconds:.1f} events/s",
+        flush=True,
+    )
+    return 0
+
+
+class DirectWriter(Writer):
+    """``direct_writer()`` in a separate process with the Namek's environment: ``prepare()``
+    starts it and waits until it is set up, ``run()`` starts its schedule and reads what it
+    wrote. Its stderr goes to ``log``; it is terminated by ``abort()`` and ``close()``."""
+
+    kind = "direct"
+    READY_TIMEOUT = 60.0
+
+    def __init__(self, namek: LiveNamek, sandbox_id: int, log: Path) -> None:
+        super().__init__()
+        self.sandbox_id = sandbox_id
+        self.env = {**namek.env, "DJANGO_SETTINGS_MODULE": "namek_web.settings"}
+        self.log = log
+        self.process: subprocess.Popen[str] | None = None
+
+    def prepare(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", DIRECT_WRITER_CODE, str(self.sandbox_id)],
+                env=self.env,
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,  # a Ctrl-C to the terminal leaves it to close()
+            )
+        ready = threading.Event()
+        threading.Thread(target=self._read_ready, args=(ready,), daemon=True).start()
+        if not ready.wait(self.READY_TIMEOUT) or self.process.poll() is not None:
+            self.close()
+            raise RuntimeError(f"the direct writer was not ready within {self.READY_TIMEOUT:g} s: {self._log_tail()}")
+
+    def _read_ready(self, ready: threading.Event) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.strip() == "READY":
+                ready.set()
+                return
+        ready.set()  # it exited: prepare() sees poll() is not None
+
+    def run(self) -> None:
+        assert self.process is not None and self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write(f"GO {self.start_at!r} {self.measure_from - self.start_at!r} ")
+            self.process.stdin.write(f"{self.end - self.measure_from!r}\n")
+            self.process.stdin.close()
+            result: list[list[Any]] | None = None
+            for line in self.process.stdout:
+                if line.startswith("RESULT "):
+                    result = json.loads(line[len("RESULT ") :])
+                elif line.startswith("direct writer:"):
+                    self.summary = line.strip()
+            code = self.process.wait()
+            if self.stop.is_set():
+                return
+            if code != 0 or result is None:
+                raise RuntimeError(f"the direct writer exited with {code}: {self._log_tail()}")
+            self.written = [
+                Written(
+                    seq=int(seq),
+                    at=datetime.fromisoformat(at).timestamp(),
+                    deadline=deadline,
+                    sent=sent,
+                    answered=answered,
+                    warmup=sent < self.measure_from,
+                )
+                for seq, at, deadline, sent, answered in result
+            ]
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def abort(self) -> None:
+        super().abort()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def close(self) -> None:
+        if self.process is not None:
+            terminate(self.process)
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.close()
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-2000:] or "(nothing on stderr)"
+        return "(no log)"
+
+
+def make_writer(kind: str, namek: LiveNamek, sandbox_id: int) -> Writer:
+    if kind == API:
+        return ApiWriter(namek, sandbox_id)
+    return DirectWriter(namek, sandbox_id, namek.logs / "direct-writer.log")
+
+
 # --- one measurement ----------------------------------------------------------------------------
 
 
 async def measure_count(
-    namek: LiveNamek, sandbox_id: int, count: int, seconds: float
+    namek: LiveNamek, sandbox_id: int, writer_kind: str, count: int, seconds: float
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
     status, sandbox = namek.api("GET", f"/api/sandboxes/{sandbox_id}")
     if status != 200:
         raise RuntimeError(f"GET /api/sandboxes/{sandbox_id} answered {status}: {sandbox}")
     after = int(sandbox["last_event_seq"])
-    connecting = time.monotonic()
-    subscribers = await open_subscribers(namek, sandbox_id, after, count)
-    connected = time.monotonic() - connecting
     loop = asyncio.get_running_loop()
-    writer: Writer | None = None
+    writer = make_writer(writer_kind, namek, sandbox_id)
     try:
-        # The handshake ends when Daphne accepts, before the consumer has checked the token,
-        # joined the group and read the backlog: only an event received proves all that.
-        marker = await loop.run_in_executor(None, post_marker, namek, sandbox_id)
-        await wait_received(subscribers, marker, SUBSCRIBE_TIMEOUT, "the marker event")
-        subscribed = time.monotonic() - connecting
-        writer = Writer(namek, sandbox_id, time.monotonic() + 0.05, WARMUP_SECONDS, seconds)
-        to_wall = time.time() - time.monotonic()
-        for sub in subscribers:
-            sub.window = (writer.measure_from + to_wall, writer.end + to_wall)
-        writer.start()
-        await loop.run_in_executor(None, writer.done.wait)
-        if writer.error is not None:
-            raise RuntimeError(f"the writer failed: {writer.error!r}") from writer.error
-        if not any(not w.warmup for w in writer.written):
-            raise RuntimeError("the writer posted nothing in the measured part")
-        with contextlib.suppress(TimeoutError):  # analyse() counts what is missing
-            await wait_received(subscribers, writer.written[-1].seq, DRAIN_SECONDS, "the last event", strict=False)
-        await asyncio.sleep(GRACE_SECONDS)
+        await loop.run_in_executor(None, writer.prepare)  # the direct writer's process, set up
+        connecting = time.monotonic()
+        subscribers = await open_subscribers(namek, sandbox_id, after, count)
+        connected = time.monotonic() - connecting
+        try:
+            # The handshake ends when Daphne accepts, before the consumer has checked the token,
+            # joined the group and read the backlog: only an event received proves all that.
+            marker = await loop.run_in_executor(None, post_marker, namek, sandbox_id)
+            await wait_received(subscribers, marker, SUBSCRIBE_TIMEOUT, "the marker event")
+            subscribed = time.monotonic() - connecting
+            writer.schedule(time.monotonic() + 0.05, WARMUP_SECONDS, seconds)
+            to_wall = time.time() - time.monotonic()
+            for sub in subscribers:
+                sub.window = (writer.measure_from + to_wall, writer.end + to_wall)
+            writer.start()
+            await loop.run_in_executor(None, writer.done.wait)
+            if writer.error is not None:
+                raise RuntimeError(f"the {writer.kind} writer failed: {writer.error!r}") from writer.error
+            if not any(not w.warmup for w in writer.written):
+                raise RuntimeError(f"the {writer.kind} writer wrote nothing in the measured part")
+            with contextlib.suppress(TimeoutError):  # analyse() counts what is missing
+                await wait_received(subscribers, writer.written[-1].seq, DRAIN_SECONDS, "the last event", strict=False)
+            await asyncio.sleep(GRACE_SECONDS)
+        finally:
+            writer.abort()
+            await close_subscribers(subscribers)
+            if writer.is_alive():
+                await loop.run_in_executor(None, writer.done.wait, 35)
     finally:
-        if writer is not None:
-            writer.stop.set()
-        await close_subscribers(subscribers)
-        if writer is not None and writer.is_alive():
-            await loop.run_in_executor(None, writer.done.wait, 35)
-    assert writer is not None
+        writer.abort()
+        await loop.run_in_executor(None, writer.close)
     row, events, pings = analyse(count, writer, subscribers, marker)
     row.update(connect_seconds=connected, subscribe_seconds=subscribed)
     return row, events, pings
@@ -386,16 +600,18 @@ def analyse(
         missing += len(written.keys() - seen)
     pings = [p * 1000 for sub in subscribers for p in sub.pings]
     achieved = len(measured) / (writer.end - writer.measure_from)
-    posts = [(w.answered - w.sent) * 1000 for w in measured]
+    writes = [(w.answered - w.sent) * 1000 for w in measured]
     row: dict[str, Any] = {
+        "writer": writer.kind,
         "subscribers": count,
         "events_written": len(measured),
         "warmup_events": len(writer.written) - len(measured),
         "achieved_rate": achieved,
         "max_lateness_ms": max((w.sent - w.deadline) * 1000 for w in measured),
         "measured_seconds": writer.end - writer.measure_from,
-        "post_p50_ms": percentile(posts, 50),
-        "post_p99_ms": percentile(posts, 99),
+        "write_p50_ms": percentile(writes, 50),
+        "write_p99_ms": percentile(writes, 99),
+        "writer_says": writer.summary,
         "http_reconnects": writer.reconnects,
         "deliveries": len(latencies),
         "expected_deliveries": len(measured) * count,
@@ -424,7 +640,7 @@ def analyse(
         {
             "seq": w.seq,
             "due_s": round(w.deadline - measured[0].deadline, 4),
-            "post_ms": round((w.answered - w.sent) * 1000, 3),
+            "write_ms": round((w.answered - w.sent) * 1000, 3),
             "received_by": len(per_event[w.seq]),
             "min_ms": round(min(per_event[w.seq]), 3) if per_event[w.seq] else None,
             "max_ms": round(max(per_event[w.seq]), 3) if per_event[w.seq] else None,
@@ -450,8 +666,11 @@ def version(argv: list[str]) -> str:
 # --- per layer, and the whole run -----------------------------------------------------------------
 
 
-def measure_layer(layer: str, base: Path, args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
-    """A Namek with this channel layer, one sandbox, every subscriber count; torn down after."""
+def measure_layer(
+    layer: str, writers: list[str], base: Path, args: argparse.Namespace, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """A Namek with this channel layer, one sandbox, every writer and subscriber count; torn
+    down after."""
     directory = base / layer
     directory.mkdir(exist_ok=True)
     namek = LiveNamek(directory, NAMEK_WARM_POOL="0", **env)
@@ -465,20 +684,22 @@ def measure_layer(layer: str, base: Path, args: argparse.Namespace, env: dict[st
             raise RuntimeError(f"POST /api/sandboxes answered {status}: {created}")
         sandbox_id = int(created["id"])
         namek.wait_phase(sandbox_id, "ready")
-        for count in COUNTS:
-            print(f"[{layer}] {count} subscribers, {args.seconds:g} s at {RATE:g} events/s ...", file=sys.stderr)
-            row, events, pings = asyncio.run(measure_count(namek, sandbox_id, count, args.seconds))
-            row["layer"] = layer
-            row["events"] = events
-            row["pings_ms"] = pings
-            rows.append(row)
-            print(
-                f"[{layer}] {count}: p50 {row.get('p50_ms', float('nan')):.2f} ms, "
-                f"p99 {row.get('p99_ms', float('nan')):.2f} ms, missing {row['missing']}, "
-                f"duplicates {row['duplicates']}",
-                file=sys.stderr,
-                flush=True,
-            )
+        for kind in writers:
+            for count in COUNTS:
+                label = f"[{layer}/{kind}] {count}"
+                print(f"{label} subscribers, {args.seconds:g} s at {RATE:g} events/s ...", file=sys.stderr)
+                row, events, pings = asyncio.run(measure_count(namek, sandbox_id, kind, count, args.seconds))
+                row["layer"] = layer
+                row["events"] = events
+                row["pings_ms"] = pings
+                rows.append(row)
+                print(
+                    f"{label}: written at {row['achieved_rate']:.1f}/s, p50 {row.get('p50_ms', float('nan')):.2f} ms, "
+                    f"p99 {row.get('p99_ms', float('nan')):.2f} ms, missing {row['missing']}, "
+                    f"duplicates {row['duplicates']}" + (f" ({row['writer_says']})" if row["writer_says"] else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if sandbox_id is not None:
             try:
@@ -496,7 +717,15 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     started = time.monotonic()
     notes: list[str] = []
-    rows = measure_layer(MEMORY, base, args, {})
+    writers = [kind for kind in WRITERS if kind in (args.writer or WRITERS)]
+    rows: list[dict[str, Any]] = []
+    if API in writers:
+        rows += measure_layer(MEMORY, [API], base, args, {})
+    else:
+        notes.append(
+            "In-memory channel layer not measured: only the api writer applies to it (another process's "
+            "publish cannot reach Daphne's in-memory layer)."
+        )
     redis_version = ""
     if args.no_redis:
         notes.append("Redis channel layer not measured (--no-redis).")
@@ -508,7 +737,7 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         try:
             redis.start()
             redis_version = redis.version()
-            rows += measure_layer(REDIS, base, args, {"REDIS_URL": redis.url})
+            rows += measure_layer(REDIS, writers, base, args, {"REDIS_URL": redis.url})
         finally:
             redis.stop()
     load_after = os.getloadavg()[0]
@@ -517,6 +746,10 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         "warmup_seconds": WARMUP_SECONDS,
         "rate": RATE,
         "counts": list(COUNTS),
+        "writers": {
+            API: "POST /api/sandboxes/<id>/events on one keep-alive HTTP connection (Daphne stores and fans out)",
+            DIRECT: "sandboxes.events.record() in a separate process, published through the channel layer",
+        },
         "ping_every_seconds": PING_SECONDS,
         "baseline": "websocket ping round trip to Daphne on the subscribers' connections",
         "redis": redis_version,
@@ -533,36 +766,42 @@ def _ms(row: dict[str, Any], key: str, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['layer']}/{row['writer']}/{row['subscribers']}"
+
+
 def report(result: dict[str, Any]) -> str:
     load = result["load_average"]
     lines = [
         f"Event delivery latency: event stored (its `at`) -> frame read by each websocket subscriber, "
         f"{result['rate']:g} events/s written for {result['seconds_per_count']:g} s per row (after "
-        f"{result['warmup_seconds']:g} s not counted), ms, every (subscriber, event) pair. Baseline: the websocket "
+        f"{result['warmup_seconds']:g} s not counted), ms, every (subscriber, event) pair. Writer api: notes "
+        "POSTed through the API on one keep-alive connection; direct: sandboxes.events.record() in a separate "
+        "process (as the supervisor writes), published through the channel layer. Baseline: the websocket "
         f"ping round trip to Daphne on the same connections in the same run (every {result['ping_every_seconds']:g} s "
         f"per subscriber). Load average (1 min) {load[0]:.1f} -> {load[1]:.1f} on {result['cpus']} CPUs"
         + (f"; {result['redis']}." if result["redis"] else "."),
         "",
-        "| layer | subscribers | events written | achieved rate /s | deliveries | p50 ms | p90 ms | p99 ms | max ms "
-        "| ping p50 ms | ping p99 ms | p50 / ping | p99 / ping | missing | duplicates |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | writer | subscribers | events written | achieved rate /s | deliveries | p50 ms | p90 ms | p99 ms "
+        "| max ms | ping p50 ms | ping p99 ms | p50 / ping | p99 / ping | missing | duplicates |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['layer']} | {row['subscribers']} | {row['events_written']} | {row['achieved_rate']:.1f} "
+            f"| {row['layer']} | {row['writer']} | {row['subscribers']} | {row['events_written']} "
+            f"| {row['achieved_rate']:.1f} "
             f"| {row['deliveries']} | {_ms(row, 'p50_ms')} | {_ms(row, 'p90_ms')} | {_ms(row, 'p99_ms')} "
             f"| {_ms(row, 'max_ms')} | {_ms(row, 'ping_p50_ms')} | {_ms(row, 'ping_p99_ms')} "
             f"| {_ms(row, 'p50_ratio')} | {_ms(row, 'p99_ratio')} | {row['missing']} | {row['duplicates']} |"
         )
     checks = [
-        f"{row['layer']}/{row['subscribers']}: {row['missing']} missing, {row['duplicates']} duplicates, "
+        f"{_label(row)}: {row['missing']} missing, {row['duplicates']} duplicates, "
         f"{row['out_of_order']} frames out of seq order"
         for row in result["rows"]
         if row["missing"] or row["duplicates"] or row["out_of_order"]
     ]
     checks += [
-        f"{row['layer']}/{row['subscribers']}: {len(row['closed_early'])} subscribers closed early "
-        f"({row['closed_early'][0]})"
+        f"{_label(row)}: {len(row['closed_early'])} subscribers closed early ({row['closed_early'][0]})"
         for row in result["rows"]
         if row["closed_early"]
     ]
@@ -574,11 +813,12 @@ def report(result: dict[str, Any]) -> str:
     slow = [row for row in result["rows"] if row["achieved_rate"] < result["rate"] * 0.98]
     if slow:
         lines.append(
-            f"The writer did not keep up with {result['rate']:g} events/s (one keep-alive connection, next post as "
-            "soon as the previous one is answered when late): "
+            f"The writer did not keep up with {result['rate']:g} events/s (when late, the next write goes out as "
+            "soon as the previous one is done): "
             + "; ".join(
-                f"{row['layer']}/{row['subscribers']}: {row['achieved_rate']:.1f}/s, POST answered in "
-                f"p50 {row['post_p50_ms']:.1f} ms"
+                f"{_label(row)}: {row['achieved_rate']:.1f}/s, a write ("
+                + ("POST answered" if row["writer"] == API else "record() returned")
+                + f") took p50 {row['write_p50_ms']:.1f} ms"
                 for row in slow
             )
             + "."
@@ -591,11 +831,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per subscriber count (10)")
     parser.add_argument("--no-redis", action="store_true", help="measure the in-memory channel layer only")
+    parser.add_argument(
+        "--writer",
+        action="append",
+        choices=WRITERS,
+        help="who writes the events: api (POST through the API; both layers) or direct (record() in a separate "
+        "process; Redis layer only); repeat for both (default: both)",
+    )
     parser.add_argument("--json", default="bench-results/events.json", help="where to save the results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error("--seconds must be positive")
+    if args.no_redis and args.writer and API not in args.writer:
+        parser.error("--writer direct needs the Redis layer (not --no-redis)")
 
     return cli.run(args, "namek-events-bench-", run_benchmark, report)
 
