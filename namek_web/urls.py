@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import path, re_path
+from django.urls import include, path, re_path
 
 from namek_web import health
 from sandboxes import api
@@ -20,6 +20,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
+    path("demo/", include("viewer.demo")),
     path("api/openapi.json", api_docs.openapi_json, name="api-openapi"),
     path("api/docs", api_docs.api_docs, name="api-docs"),
     path("api/sandboxes", api.sandboxes, name="api-sandboxes"),
