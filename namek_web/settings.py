@@ -54,6 +54,15 @@ NAMEK_CHROMIUM = env_str("NAMEK_CHROMIUM", "/usr/bin/chromium")
 NAMEK_SCREEN = env_choice("NAMEK_SCREEN", "xvnc", ("xvnc", "xvfb-x11vnc"))
 NAMEK_WARM_POOL = env_int("NAMEK_WARM_POOL", 1, minimum=0, maximum=20)
 
+# Agents. With no LLM configured a run needs a step file (the scripted model). The key
+# goes to the runner's environment only, never into the database or a page.
+NAMEK_LLM_PROVIDER = env_choice("NAMEK_LLM_PROVIDER", "openai", ("openai", "anthropic", "google", "ollama"))
+NAMEK_LLM_MODEL = env_str("NAMEK_LLM_MODEL")
+NAMEK_LLM_BASE_URL = env_url("NAMEK_LLM_BASE_URL", "", ("http", "https")) if env_str("NAMEK_LLM_BASE_URL") else ""
+NAMEK_LLM_API_KEY = env_str("NAMEK_LLM_API_KEY")
+NAMEK_LLM_CONFIGURED = bool(NAMEK_LLM_MODEL)
+NAMEK_RUN_STOP_GRACE = env_float("NAMEK_RUN_STOP_GRACE", 10.0, minimum=0.5)
+
 # Limits. One sandbox is ~0.4-0.5 GiB and a busy one about a core: the defaults fit the
 # 2-core, 24 GiB machines Namek is measured on.
 NAMEK_MAX_SANDBOXES = env_int("NAMEK_MAX_SANDBOXES", 8, minimum=1)

@@ -39,5 +39,10 @@ urlpatterns = [
         {"which": "thumbnail"},
         name="api-event-thumbnail",
     ),
+    path("api/sandboxes/<int:sandbox_id>/runs", api.sandbox_runs, name="api-runs"),
+    path("api/runs/<int:run_id>", api.run_detail, name="api-run"),
+    path("api/runs/<int:run_id>/stop", api.run_command, {"command": "stop"}, name="api-run-stop"),
+    path("api/runs/<int:run_id>/pause", api.run_command, {"command": "pause"}, name="api-run-pause"),
+    path("api/runs/<int:run_id>/resume", api.run_command, {"command": "resume"}, name="api-run-resume"),
     re_path(r"^api/(?P<rest>.*)$", api.api_not_found),
 ]

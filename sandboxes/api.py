@@ -18,16 +18,17 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
-from sandboxes import events, services
+from sandboxes import events, runs, services
 from sandboxes.access import can_use, can_view, visible_sandboxes
 from sandboxes.auth import authenticate_request
 from sandboxes.backends.base import BackendError
-from sandboxes.models import Event, Phase, Sandbox
+from sandboxes.models import AgentRun, Event, Phase, Sandbox
 
 log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
 CREATE_FIELDS = {"name", "screen"}
 NOTE_FIELDS = {"text", "data"}
+RUN_FIELDS = {"task", "script", "demo"}
 EVENTS_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
 
@@ -56,8 +57,10 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
                 return view(request, *args, **kwargs)
             except services.SandboxRequestError as exc:
                 return json_error(400, str(exc))
-            except services.SandboxStateError as exc:
+            except (services.SandboxStateError, runs.RunStateError) as exc:
                 return json_error(409, str(exc))
+            except runs.RunRequestError as exc:
+                return json_error(400, str(exc))
             except services.LimitReached as exc:
                 return json_error(exc.status, str(exc), limit=exc.limit)
             except BackendError as exc:
@@ -68,9 +71,9 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
     return decorate
 
 
-def _json_body(request: HttpRequest) -> dict[str, Any]:
-    if len(request.body) > MAX_BODY:
-        raise ValueError(f"body larger than {MAX_BODY} bytes")
+def _json_body(request: HttpRequest, limit: int = MAX_BODY) -> dict[str, Any]:
+    if len(request.body) > limit:
+        raise ValueError(f"body larger than {limit} bytes")
     if not request.body.strip():
         return {}
     try:
@@ -191,6 +194,68 @@ def event_image(request: HttpRequest, sandbox_id: int, seq: int, which: str) -> 
     response["Cache-Control"] = "private, max-age=86400, immutable"
     response["X-Content-Type-Options"] = "nosniff"
     return response
+
+
+@api_view(("GET", "POST"))
+def sandbox_runs(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    """GET: the sandbox's runs, newest first. POST: start one."""
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    if request.method == "GET":
+        return JsonResponse({"runs": [runs.run_json(r) for r in found.runs.select_related("started_by")[:100]]})
+    if not can_use(request.user, found):
+        return json_error(403, "not allowed")
+    try:
+        body = _json_body(request, runs.MAX_SCRIPT + MAX_BODY)
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    unknown = sorted(set(body) - RUN_FIELDS)
+    if unknown:
+        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(RUN_FIELDS))}")
+    run = runs.start_run(found, request.user, body.get("task"), body.get("script"), body.get("demo"))
+    return JsonResponse(runs.run_json(run), status=201)
+
+
+def _find_run(request: HttpRequest, run_id: int) -> AgentRun | HttpResponse:
+    run = AgentRun.objects.select_related("sandbox", "started_by").filter(pk=run_id).first()
+    if run is None:
+        return json_error(404, f"no run {run_id}")
+    if not can_view(request.user, run.sandbox):
+        return json_error(403, "not allowed")
+    if request.method != "GET" and not can_use(request.user, run.sandbox):
+        return json_error(403, "not allowed")
+    return run
+
+
+@api_view(("GET",))
+def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    found = _find_run(request, run_id)
+    return found if isinstance(found, HttpResponse) else JsonResponse(runs.run_json(found))
+
+
+@api_view(("POST",))
+def run_command(request: HttpRequest, run_id: int, command: str) -> HttpResponse:
+    """stop, pause, resume (``{"note": str}``) a run's agent."""
+    found = _find_run(request, run_id)
+    if isinstance(found, HttpResponse):
+        return found
+    try:
+        body = _json_body(request)
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    allowed = {"note"} if command == "resume" else set()
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        return json_error(400, f"unknown fields: {', '.join(unknown)}")
+    if command == "stop":
+        found = runs.stop(found, request.user.get_username())
+    elif command == "pause":
+        runs.pause(found)
+    else:
+        runs.resume(found, body.get("note", ""))
+    found.refresh_from_db()
+    return JsonResponse(runs.run_json(found))
 
 
 @csrf_exempt

@@ -33,7 +33,15 @@ sandbox.failed              system   ``reason``
 terminal.opened             person   ``readonly``: whether this viewer may type
 terminal.closed             person   ``readonly``, ``seconds`` attached, ``code``: the close code
 person.note                 person   whatever JSON object the person attached (may be empty)
-agent.*                     agent    reserved for agent runs (the agents issue)
+agent.started               agent    ``run``, ``task``, ``model`` ("scripted" or the LLM's name)
+agent.step                  agent    ``run``, ``step`` (1, 2, ...), ``goal``, ``thinking``,
+                                     ``evaluation``, ``actions`` ([{"name", "params"}]),
+                                     ``url``, ``title``; with a screenshot
+agent.log                   agent    ``run``, anything else the agent adds
+agent.paused                agent    ``run``
+agent.resumed               agent    ``run``, ``note`` (given with the resume, or empty)
+agent.done                  agent    ``run``, ``result``, ``steps``, ``seconds``
+agent.failed                agent    ``run``, ``error``, ``steps``, ``seconds``
 control.*                   either   reserved for the control lease (the takeover issue)
 share.*                     person   reserved for share links and the wall (the demo-screen issue)
 =========================== ======== ==========================================================
@@ -92,9 +100,16 @@ KINDS: dict[str, Kind] = {
     "terminal.opened": Kind(Source.PERSON, "readonly"),
     "terminal.closed": Kind(Source.PERSON, "readonly, seconds, code"),
     "person.note": Kind(Source.PERSON, "any JSON object"),
+    "agent.started": Kind(Source.AGENT, "run, task, model"),
+    "agent.step": Kind(Source.AGENT, "run, step, goal, thinking, evaluation, actions, url, title"),
+    "agent.log": Kind(Source.AGENT, "run, ..."),
+    "agent.paused": Kind(Source.AGENT, "run"),
+    "agent.resumed": Kind(Source.AGENT, "run, note"),
+    "agent.done": Kind(Source.AGENT, "run, result, steps, seconds"),
+    "agent.failed": Kind(Source.AGENT, "run, error, steps, seconds"),
 }
 #: families of kinds that later issues define; nothing may write them before then
-RESERVED_PREFIXES = ("agent.", "control.", "share.")
+RESERVED_PREFIXES = ("control.", "share.")
 
 
 class EventError(ValueError):

@@ -94,6 +94,69 @@ class Event(models.Model):
         return f"{self.kind} #{self.seq} of sandbox {self.sandbox_id}"
 
 
+class RunStatus(models.TextChoices):
+    PENDING = "pending"  # created; the runner has not said hello yet
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+    FAILED = "failed"
+
+
+#: a run in one of these holds its sandbox: at most one per sandbox
+ACTIVE_RUN_STATUSES = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.PAUSED)
+
+
+class AgentRun(models.Model):
+    """One agent working on one sandbox's browser, from its task to done or failed.
+
+    The runner reaches Namek only through the agent bridge, with a per-run secret token
+    (only its SHA-256 is stored here).
+    """
+
+    TOKEN_PREFIX = "nmkrun_"
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="runs")
+    task = models.TextField()
+    script = models.TextField(blank=True, help_text="a step file for the scripted model; empty: an LLM drives")
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="agent_runs"
+    )
+    #: what drives it: {"model": "scripted"} or {"provider", "model", "base_url"} (never a key)
+    model_settings = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
+    result = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    steps = models.PositiveIntegerField(default=0)
+    token_digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True, help_text="the runner process's exit status")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["sandbox"],
+                condition=models.Q(status__in=["pending", "running", "paused"]),
+                name="one_active_run_per_sandbox",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"run #{self.pk} on sandbox {self.sandbox_id} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_RUN_STATUSES
+
+    @classmethod
+    def new_token(cls) -> tuple[str, str]:
+        """(token, its digest): the token is handed to the runner once."""
+        token = cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
+        return token, hashlib.sha256(token.encode()).hexdigest()
+
+
 class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
     def active(self) -> ApiTokenQuerySet:
         return self.filter(revoked_at__isnull=True, user__is_active=True)

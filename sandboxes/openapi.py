@@ -97,6 +97,24 @@ EVENT_EXAMPLE: dict[str, Any] = {
 }
 
 
+RUN_EXAMPLE: dict[str, Any] = {
+    "id": 3,
+    "sandbox": 7,
+    "task": "Request a quote for 20 desk lamps delivered express",
+    "scripted": True,
+    "model": "scripted",
+    "started_by": "alice",
+    "status": "running",
+    "result": "",
+    "error": "",
+    "steps": 4,
+    "created_at": "2025-05-01T09:31:00.000000+00:00",
+    "started_at": "2025-05-01T09:31:01.200000+00:00",
+    "ended_at": None,
+    "exit_code": None,
+}
+
+
 def _components() -> dict[str, Any]:
     timestamp = {"type": "string", "format": "date-time"}
     sandbox = {
@@ -240,6 +258,63 @@ def _components() -> dict[str, Any]:
                 },
                 "example": {"text": "the checkout page is slow again", "data": {"ticket": "OPS-42"}},
             },
+            "Run": {
+                "type": "object",
+                "description": "An agent run: one agent driving one sandbox's browser.",
+                "additionalProperties": False,
+                "required": list(RUN_EXAMPLE),
+                "properties": {
+                    "id": {"type": "integer", "format": "int64", "minimum": 1},
+                    "sandbox": {"type": "integer", "format": "int64", "minimum": 1},
+                    "task": {"type": "string"},
+                    "scripted": {"type": "boolean", "description": "a step file drives it, not an LLM"},
+                    "model": {"type": "string", "description": "`scripted`, or the LLM's name"},
+                    "started_by": {"type": "string", "nullable": True},
+                    "status": {"type": "string", "enum": ["pending", "running", "paused", "done", "failed"]},
+                    "result": {"type": "string", "description": "what the agent reported when done"},
+                    "error": {"type": "string", "description": "why it failed (or who stopped it)"},
+                    "steps": {"type": "integer", "minimum": 0},
+                    "created_at": timestamp,
+                    "started_at": {**timestamp, "nullable": True},
+                    "ended_at": {**timestamp, "nullable": True},
+                    "exit_code": {
+                        "type": "integer",
+                        "nullable": True,
+                        "description": "the runner process's exit status (negative: killed by that signal)",
+                    },
+                },
+                "example": RUN_EXAMPLE,
+            },
+            "RunList": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["runs"],
+                "properties": {"runs": {"type": "array", "items": _ref("schemas", "Run")}},
+            },
+            "CreateRun": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "task": {
+                        "type": "string",
+                        "maxLength": 4000,
+                        "description": "what the agent should do; with a script or demo it defaults to the file's task",
+                    },
+                    "script": {
+                        "type": "string",
+                        "description": "a step file (YAML or JSON) for the scripted model; without it an LLM must be "
+                        "configured (else 400)",
+                    },
+                    "demo": {"type": "string", "description": "the name of a built-in demo step file (`demo/*.yaml`)"},
+                },
+                "example": {"demo": "quote"},
+            },
+            "ResumeRun": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"note": {"type": "string", "maxLength": 4000, "description": "added to its task"}},
+                "example": {"note": "The express option costs extra: leave it off."},
+            },
             "Error": error,
             "Health": {
                 "type": "object",
@@ -342,6 +417,16 @@ SANDBOX_ID = {
     "description": "the sandbox's id",
     "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX},
     "example": 7,
+}
+
+
+RUN_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "the run's id",
+    "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX},
+    "example": 3,
 }
 
 
@@ -526,6 +611,107 @@ def _paths() -> dict[str, Any]:
                 ),
             )
         },
+        "/api/sandboxes/{id}/runs": {
+            "description": "Other methods answer 405 (Allow: GET, POST).",
+            "x-allow": ["GET", "POST"],
+            "parameters": [SANDBOX_ID],
+            "get": {
+                "operationId": "listRuns",
+                "tags": ["agents"],
+                "summary": "A sandbox's agent runs",
+                "description": "Newest first, at most 100.",
+                "security": READ_SECURITY,
+                "responses": _responses(
+                    ("200", {"description": "The runs.", "content": _json_content(_ref("schemas", "RunList"))}),
+                    401,
+                    403,
+                    404,
+                ),
+            },
+            "post": {
+                "operationId": "startRun",
+                "tags": ["agents"],
+                "summary": "Start an agent on a sandbox",
+                "description": "Launches the runner, which drives the sandbox's Chromium with browser-use; its steps "
+                "arrive in the event log. One active run per sandbox (409). The sandbox must be `ready` (409). "
+                "Without an LLM configured, give a `script` or a `demo` (else 400).",
+                "security": WRITE_SECURITY,
+                "requestBody": {"required": True, "content": _json_content(_ref("schemas", "CreateRun"))},
+                "responses": _responses(
+                    ("201", {"description": "Started.", "content": _json_content(_ref("schemas", "Run"))}),
+                    400,
+                    401,
+                    403,
+                    404,
+                    409,
+                    502,
+                    503,
+                ),
+            },
+        },
+        "/api/runs/{id}": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "parameters": [RUN_ID],
+            "get": {
+                "operationId": "getRun",
+                "tags": ["agents"],
+                "summary": "Get a run",
+                "security": READ_SECURITY,
+                "responses": _responses(
+                    ("200", {"description": "The run.", "content": _json_content(_ref("schemas", "Run"))}),
+                    401,
+                    403,
+                    404,
+                ),
+            },
+        },
+        **{
+            f"/api/runs/{{id}}/{command}": {
+                "description": "Other methods answer 405 (Allow: POST).",
+                "x-allow": ["POST"],
+                "parameters": [RUN_ID],
+                "post": {
+                    "operationId": f"{command}Run",
+                    "tags": ["agents"],
+                    "summary": summary,
+                    "description": description + " The run must be active (409).",
+                    "security": WRITE_SECURITY,
+                    **(
+                        {"requestBody": {"required": False, "content": _json_content(_ref("schemas", "ResumeRun"))}}
+                        if command == "resume"
+                        else {}
+                    ),
+                    "responses": _responses(
+                        ("200", {"description": "The run.", "content": _json_content(_ref("schemas", "Run"))}),
+                        400,
+                        401,
+                        403,
+                        404,
+                        409,
+                    ),
+                },
+            }
+            for command, summary, description in (
+                (
+                    "stop",
+                    "Stop a run",
+                    "Tells the agent to stop, ends its runner (killed after NAMEK_RUN_STOP_GRACE seconds) and marks "
+                    "the run failed, stopped by you. No request body.",
+                ),
+                (
+                    "pause",
+                    "Pause a run's agent",
+                    "The agent pauses once the step in flight has finished; the log then shows `agent.paused`. "
+                    "No request body.",
+                ),
+                (
+                    "resume",
+                    "Resume a paused agent",
+                    "With an optional note, added to the agent's task (its next model input).",
+                ),
+            )
+        },
         "/api/openapi.json": {
             "description": "Other methods answer 405 (Allow: GET).",
             "x-allow": ["GET"],
@@ -622,6 +808,7 @@ def document(request_or_base_url: HttpRequest | str) -> dict[str, Any]:
         "servers": [{"url": base_url_of(request_or_base_url)}],
         "tags": [
             {"name": "sandboxes", "description": "Create, list, inspect and stop sandboxes."},
+            {"name": "agents", "description": "Start agents on sandboxes, pause, resume and stop them."},
             {"name": "events", "description": "Read a sandbox's event log, add notes to it, fetch its screenshots."},
             {"name": "documentation", "description": "This document, as JSON and as a page."},
             {"name": "probes", "description": "For load balancers and orchestrators."},

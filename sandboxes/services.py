@@ -17,7 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from namek_web.env import parse_screen_size
-from sandboxes import events
+from sandboxes import events, runs
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, SandboxSpec
 from sandboxes.models import LIVE_PHASES, Phase, Sandbox
@@ -258,6 +258,8 @@ def record_phase(
             sandbox.save()
     if changed:
         broadcast(sandbox)
+        if sandbox.phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
+            runs.end_runs_of(sandbox.pk, f"the sandbox is {sandbox.phase}" + (f": {reason}" if reason else ""))
     return changed
 
 

@@ -42,6 +42,9 @@ def load_settings(tmp_path: Path, **overrides: str) -> subprocess.CompletedProce
         ("NAMEK_RELAY_WINDOW", "lots"),
         ("NAMEK_LOCAL_ISOLATION", "partly"),
         ("SECRET_KEY", "short"),
+        ("NAMEK_LLM_PROVIDER", "skynet"),
+        ("NAMEK_LLM_BASE_URL", "ftp://llm.example"),
+        ("NAMEK_RUN_STOP_GRACE", "0"),
     ],
 )
 def test_bad_values_fail_at_start_naming_the_variable(tmp_path: Path, name: str, value: str) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.clickjacking import xframe_options_deny
 
-from sandboxes import services
+from sandboxes import runs, services
 from sandboxes.access import can_view, visible_sandboxes
-from sandboxes.models import Phase, Sandbox
+from sandboxes.models import ACTIVE_RUN_STATUSES, Phase, Sandbox
+
+#: the demo the dashboard's "Run demo" starts
+DASHBOARD_DEMO = "quote"
 
 
 @login_required
@@ -18,7 +22,10 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     return render(
         request,
         "namek/dashboard.html",
-        {"sandboxes": [services.sandbox_json(s) for s in sandboxes]},
+        {
+            "sandboxes": [services.sandbox_json(s) for s in sandboxes],
+            "demo": DASHBOARD_DEMO if DASHBOARD_DEMO in runs.demos() else next(iter(runs.demos()), ""),
+        },
     )
 
 
@@ -29,7 +36,15 @@ def sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
         raise Http404("no such sandbox")
     if not can_view(request.user, sandbox):
         return render(request, "namek/forbidden.html", status=403)
-    return render(request, "namek/sandbox.html", {"sandbox": services.sandbox_json(sandbox)})
+    active = sandbox.runs.filter(status__in=ACTIVE_RUN_STATUSES).select_related("started_by").first()
+    context = {
+        "sandbox": services.sandbox_json(sandbox),
+        "active_run": runs.run_json(active) if active else None,
+        "demos": list(runs.demos()),
+        "llm_configured": settings.NAMEK_LLM_CONFIGURED,
+        "llm_model": settings.NAMEK_LLM_MODEL,
+    }
+    return render(request, "namek/sandbox.html", context)
 
 
 @xframe_options_deny

@@ -481,6 +481,9 @@ class AgentRun:
             return EXIT_FAILED, {"type": "status", "status": "failed", "error": self.stop_reason}
         errors = [error for error in history.errors() if error]
         error = errors[-1] if errors else f"The agent did not finish within {self.max_steps} steps"
+        if errors and self.model is None:  # an LLM drives: say which one failed
+            where = os.environ.get("NAMEK_LLM_BASE_URL") or os.environ.get("NAMEK_LLM_PROVIDER") or "openai"
+            error = f"the LLM {os.environ.get('NAMEK_LLM_MODEL', '?')} at {where} failed: {error}"
         return EXIT_FAILED, {"type": "status", "status": "failed", "error": error}
 
 

@@ -8,7 +8,7 @@ can help.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class BackendError(Exception):
@@ -50,6 +50,17 @@ class BrowserTarget:
     """Chromium's DevTools protocol (HTTP + websocket)."""
 
     endpoint: Endpoint
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """An agent runner to launch: it speaks only the agent bridge, at ``bridge_url``,
+    authenticated with ``token`` (kept out of argv: it travels in the environment)."""
+
+    run_id: int
+    sandbox_id: int
+    token: str = field(repr=False)
+    bridge_url: str
 
 
 @dataclass(frozen=True)
@@ -95,3 +106,13 @@ class SandboxBackend(abc.ABC):
         ``TERM`` set; it ends when the viewer leaves or the sandbox goes. ``readonly``
         clients see the shell but cannot type into it or resize it.
         """
+
+    @abc.abstractmethod
+    def start_runner(self, spec: RunnerSpec) -> None:
+        """Launch the agent runner of a run, supervised: its exit is reported to
+        ``sandboxes.runs.runner_exited``, and it is stopped with its sandbox."""
+
+    @abc.abstractmethod
+    def stop_runner(self, run_id: int, grace: float) -> None:
+        """Make sure the run's runner ends: terminate it now, kill it after ``grace``
+        seconds. Returns at once; stopping a runner that already ended is not an error."""

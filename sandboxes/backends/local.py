@@ -17,6 +17,7 @@ from sandboxes.backends.base import (
     BackendError,
     BrowserTarget,
     Endpoint,
+    RunnerSpec,
     SandboxBackend,
     SandboxSpec,
     SandboxStatus,
@@ -88,6 +89,12 @@ class LocalBackend(SandboxBackend):
             # A read-only client must not shrink the shared window to its own size either.
             command += ["-f", "read-only,ignore-size"]
         return command
+
+    def start_runner(self, spec: RunnerSpec) -> None:
+        self.call("run_agent", run=spec.run_id, sandbox=spec.sandbox_id, bridge=spec.bridge_url, token=spec.token)
+
+    def stop_runner(self, run_id: int, grace: float) -> None:
+        self.call("stop_agent", run=run_id, grace=grace)
 
     async def watch(self) -> AsyncIterator[dict[str, Any]]:
         """Phase changes as the supervisor makes them, until the connection drops."""

@@ -41,6 +41,7 @@ import psutil
 
 from sandboxes import rfb
 from sandboxes.local import protocol
+from sandboxes.local.runners import ExitCallback, RunnerPool
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ class Supervisor:
         screen_server: str = "xvnc",
         warm_pool: int = 0,
         warm_size: tuple[int, int] = (1280, 800),
+        on_runner_exit: ExitCallback | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.sandboxes_dir = data_dir / "sandboxes"
@@ -222,6 +224,7 @@ class Supervisor:
         self.server: asyncio.AbstractServer | None = None
         self._lock_file: Any = None
         self._root = os.geteuid() == 0
+        self.runners = RunnerPool(data_dir, MARKER, on_runner_exit)
 
     # --- start and stop ---------------------------------------------------------------
 
@@ -294,6 +297,7 @@ class Supervisor:
         self._stopping = True
         if self.server:
             self.server.close()
+        await self.runners.stop_all()
         await asyncio.gather(
             *(self.delete(sid, reason="Namek stopped", phase="failed") for sid in list(self.sandboxes)),
             *(self._teardown(sandbox) for sandbox in self.warm),
@@ -366,6 +370,15 @@ class Supervisor:
             }
         if op == "list":
             return {"ok": True, "sandboxes": [self._describe(s) for s in self.sandboxes.values()]}
+        if op == "run_agent":
+            self._require_ready(self._get(int(request["sandbox"])))
+            await self.runners.start(
+                int(request["run"]), int(request["sandbox"]), str(request["bridge"]), str(request["token"])
+            )
+            return {"ok": True}
+        if op == "stop_agent":
+            self.runners.stop(int(request["run"]), float(request.get("grace", 10)))
+            return {"ok": True}
         if op not in ("create", "delete", "status", "screen", "browser", "shell", "restart_browser"):
             raise SupervisorError(f"unknown op {op!r}")
         sandbox_id = int(request["id"])
@@ -783,8 +796,10 @@ class Supervisor:
             await self._set_phase(sandbox, phase, reason)
 
     async def _teardown(self, sandbox: LocalSandbox) -> None:
-        """Kill every process of the sandbox and remove its directory."""
+        """Kill every process of the sandbox (its agent runners too) and remove its directory."""
         sandbox.deleting = True
+        if sandbox.id is not None:
+            await self.runners.stop_sandbox(sandbox.id)
         current = asyncio.current_task()
         for task in sandbox.tasks:
             if task is not current:

@@ -87,6 +87,30 @@ document.getElementById("create-form").addEventListener("submit", async (event) 
   }
 });
 
+// "Run demo": a new sandbox, and once it is ready an agent playing a demo step file on
+// the built-in demo site; then its page, where the run shows.
+const demoButton = document.getElementById("demo-button");
+demoButton?.addEventListener("click", async () => {
+  demoButton.disabled = true;
+  statusLine.textContent = "Starting a demo sandbox…";
+  try {
+    let s = await api("POST", "/api/sandboxes", { name: `demo ${demoButton.dataset.demo}` });
+    update(s);
+    const deadline = Date.now() + 60000;
+    while (s.phase === "pending" || s.phase === "starting") {
+      if (Date.now() > deadline) throw new Error("the sandbox did not become ready within a minute");
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      s = await api("GET", `/api/sandboxes/${s.id}`);
+    }
+    if (s.phase !== "ready") throw new Error(`the sandbox is ${s.phase}: ${s.failure_reason}`);
+    await api("POST", `/api/sandboxes/${s.id}/runs`, { demo: demoButton.dataset.demo });
+    location.href = s.url;
+  } catch (error) {
+    statusLine.textContent = `Could not run the demo: ${error.message}`;
+    demoButton.disabled = false;
+  }
+});
+
 for (const s of JSON.parse(document.getElementById("initial-sandboxes").textContent)) sandboxes.set(s.id, s);
 render();
 

@@ -35,7 +35,7 @@ function apiPath(value) {
   return typeof value === "string" && value.startsWith("/api/") ? value : null;
 }
 
-export function mountEventLog(container, sandboxId, { after = 0, onState } = {}) {
+export function mountEventLog(container, sandboxId, { after = 0, onState, onEvent } = {}) {
   container.replaceChildren();
   const list = element("ol", "event-list");
   list.setAttribute("aria-live", "polite");
@@ -137,6 +137,7 @@ export function mountEventLog(container, sandboxId, { after = 0, onState } = {})
   function receive(event) {
     if (typeof event.seq !== "number" || event.seq <= last) return; // never twice
     last = event.seq;
+    onEvent?.(event);
     pending.push(event);
     if (!frame) frame = requestAnimationFrame(flush);
   }

@@ -1,6 +1,7 @@
 // The sandbox page: three live panes (screen, terminal, event log), and the sandbox's
 // phase kept live. The log stays readable whatever the phase; screen and terminal only
 // exist while the sandbox is ready.
+import { mountAgentBar } from "./agent.js";
 import { api, describeClose, followSandboxes } from "./common.js";
 import { mountEventLog } from "./eventlog.js";
 import { enableSplitters } from "./layout.js";
@@ -87,9 +88,13 @@ noteForm.addEventListener("submit", async (event) => {
 });
 
 enableSplitters(document.getElementById("workspace"));
+const agentBar = mountAgentBar(
+  document.getElementById("agent-form"), sandbox.id, JSON.parse(document.getElementById("run-data").textContent),
+);
 mountEventLog(document.getElementById("event-log"), sandbox.id, {
   after: Math.max(0, sandbox.last_event_seq - INITIAL_EVENTS),
   onState: (text) => { logStatus.textContent = text; },
+  onEvent: (event) => agentBar.onEvent(event),
 });
 applyPhase(sandbox);
 

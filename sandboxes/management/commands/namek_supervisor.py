@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from namek_web.env import parse_screen_size
-from sandboxes import services
+from sandboxes import runs, services
 from sandboxes.local.supervisor import Supervisor, SupervisorError, isolation_problem
 
 
@@ -47,6 +47,7 @@ class Command(BaseCommand):
             screen_server=settings.NAMEK_SCREEN,
             warm_pool=settings.NAMEK_WARM_POOL,
             warm_size=parse_screen_size(settings.NAMEK_SCREEN_SIZE) or (1280, 800),
+            on_runner_exit=sync_to_async(runs.runner_exited),
         )
         await supervisor.start()
         # Whatever the database still believes is alive died with the previous supervisor.
