@@ -254,3 +254,42 @@ async def test_the_log_keeps_a_bounded_number_of_rows_and_follows_unless_scrolle
     assert await rows.count() <= max_rows
     assert errors == []
     await page.close()
+
+
+SCREEN_SIGNATURE = """(() => {
+    const canvas = document.querySelector('#screen canvas');
+    const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+    let hash = 0;
+    for (let i = 0; i < data.length; i += 4 * 997) {
+        hash = (hash * 31 + data[i] + data[i + 1] * 7 + data[i + 2] * 13) | 0;
+    }
+    return hash;
+})()"""
+
+
+async def test_run_demo_from_the_dashboard_shows_steps_while_the_screen_changes(
+    live_namek: LiveNamek, browser: Browser
+) -> None:
+    page = await browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await log_in(page, live_namek.base_url)
+    await page.click("#demo-button")
+    await page.wait_for_url("**/sandboxes/*/", timeout=60000)
+    sandbox_id = int(page.url.rstrip("/").rsplit("/", 1)[1])
+    try:
+        await page.wait_for_function("document.getElementById('screen-status').textContent === 'Live'")
+        signatures = {await page.evaluate(SCREEN_SIGNATURE)}
+        steps = page.locator("#event-log li[data-kind='agent.step']")
+        deadline = time.monotonic() + 90
+        while await steps.count() < 3 or len(signatures) < 3:
+            assert time.monotonic() < deadline, (await steps.count(), len(signatures))
+            signatures.add(await page.evaluate(SCREEN_SIGNATURE))
+            await asyncio.sleep(0.3)
+        assert await steps.first.locator(".event-thumb img").count() == 1, "steps come with their screenshot"
+        await page.locator("#event-log li[data-kind='agent.done']").wait_for(timeout=90000)
+        assert "done" in (await page.text_content("#agent-state") or "")
+        assert errors == []
+    finally:
+        live_namek.delete_sandbox(sandbox_id)
+        await page.close()
