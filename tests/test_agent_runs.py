@@ -106,6 +106,8 @@ def test_a_scripted_agent_fills_the_demo_quote_form(live_namek: LiveNamek, box: 
     # The page, read over CDP: the quote was really submitted with what was typed.
     text = asyncio.run(page_state(live_namek, box["id"], "document.body.innerText"))
     assert "Quote request received" in text
+    for shown in ("ada@example.com", "Desk lamp", "Quantity\n20", "Express delivery\nYes"):
+        assert shown in text, (shown, text)
 
 
 def test_pause_holds_the_page_and_resume_brings_the_note(live_namek: LiveNamek, box: dict[str, Any]) -> None:
@@ -221,3 +223,29 @@ def test_an_unreachable_or_garbage_llm_fails_the_run_with_a_reason(tmp_path: Pat
     assert f"the LLM gpt-test at http://127.0.0.1:{port}/v1 failed" in unreachable["error"]
     assert "Connection error" in unreachable["error"]
     assert f"the LLM gpt-test at http://127.0.0.1:{port}/v1 failed" in garbage["error"]
+
+
+def test_deleting_the_sandbox_ends_its_run_and_runner(live_namek: LiveNamek) -> None:
+    created = live_namek.create_sandbox(name="short agent")
+    script = "steps:\n  - navigate: /demo/\n  - wait: {seconds: 30}\n  - done: {text: too late}\n"
+    run = start(live_namek, created["id"], script=script, task="wait")
+    wait_event(live_namek, created["id"], run["id"], "agent.step")
+    assert runner_pids(live_namek, run["id"])
+    live_namek.delete_sandbox(created["id"])
+    run = live_namek.api("GET", f"/api/runs/{run['id']}")[1]
+    assert run["status"] == "failed" and "stopping" in run["error"], run
+    assert runner_pids(live_namek, run["id"]) == []
+
+
+def test_run_agent_plays_a_script_from_the_command_line(live_namek: LiveNamek, box: dict[str, Any]) -> None:
+    done = live_namek.manage("run_agent", str(box["id"]), "--demo", "login", timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "agent.started" in done.stdout and "agent.step" in done.stdout and ": done" in done.stdout
+    for args, message in [
+        (["999999", "--demo", "login"], "no sandbox 999999"),
+        ([str(box["id"]), "--demo", "nope"], "demo: one of"),
+        ([str(box["id"]), "--script", "/nonexistent.yaml"], "cannot read"),
+        ([str(box["id"]), "--task", "no model"], "no LLM is configured"),
+    ]:
+        refused = live_namek.manage("run_agent", *args, check=False)
+        assert refused.returncode != 0 and message in refused.stderr, (args, refused.stderr)
