@@ -240,7 +240,7 @@ def poke(sandbox_id: int) -> None:
     """Tell this process's subscribers that events may have been stored elsewhere."""
     layer = get_channel_layer()
     if layer is not None:
-        async_to_sync(layer.group_send)(group_name(sandbox_id), {"type": "events.poke"})
+        async_to_sync(layer.group_send)(group_name(sandbox_id), {"type": "events.poke", "sandbox": sandbox_id})
 
 
 # --- checks and files ----------------------------------------------------------------------

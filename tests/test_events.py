@@ -444,3 +444,23 @@ def test_a_subscriber_that_keeps_reconnecting_gets_every_event_once_in_order(liv
         )
         assert texts == expected
         assert reconnects > 20, reconnects
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_process_holds_one_group_membership_for_all_its_subscribers(cast: dict, make_sandbox) -> None:
+    from channels.layers import get_channel_layer
+
+    box = await database_sync_to_async(make_sandbox)()
+    layer = get_channel_layer()
+    group = events.group_name(box.pk)
+    viewers = [communicator(f"/ws/sandboxes/{box.pk}/events/", cast["tokens"][who]) for who in ("owner", "staff")]
+    viewers.append(communicator(f"/ws/sandboxes/{box.pk}/events/", cast["tokens"]["owner"]))
+    for viewer in viewers:
+        assert (await viewer.connect())[0]
+    assert len(layer.groups.get(group, {})) == 1
+    await record(box.pk, "person.note", "to all")
+    for viewer in viewers:
+        assert [e["text"] for e in await receive_events(viewer, 1)] == ["to all"]
+    for viewer in viewers:
+        await viewer.disconnect()
+    assert group not in layer.groups or not layer.groups[group]

@@ -9,9 +9,10 @@ sends.
 
 How nothing is lost or doubled, whichever process stored an event:
 
-1. the consumer joins the sandbox's group *before* reading the database, so an event
-   stored during the read arrives as a message afterwards (Channels hands a consumer its
-   messages one at a time);
+1. the consumer subscribes (through this process's ``viewer.event_hub``, which holds one
+   membership of the sandbox's group for all of them) *before* reading the database, so
+   an event stored during the read arrives as a message afterwards, and waits for the
+   consumer's lock until the read is done;
 2. it remembers the last ``seq`` sent: a message at or below it is dropped, a message
    that skips numbers makes it read the gap from the database first (events are
    published only after their transaction commits, so the gap is there to read);
@@ -32,7 +33,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 
 from sandboxes import events
-from viewer import phase_feed
+from viewer import event_hub, phase_feed
 from viewer.closecodes import Close
 from viewer.consumers.base import NamekConsumer
 
@@ -57,12 +58,11 @@ class EventsConsumer(NamekConsumer):
             return
         self.lock = asyncio.Lock()
         phase_feed.ensure_running()
-        self.group = events.group_name(self.sandbox.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        self.joined = True
-        newest = await database_sync_to_async(events.newest_seq)(self.sandbox.pk)
-        self.last = min(after, newest)
         async with self.lock:
+            await event_hub.hub().join(self.sandbox.pk, self)
+            self.joined = True
+            newest = await database_sync_to_async(events.newest_seq)(self.sandbox.pk)
+            self.last = min(after, newest)
             await self.catch_up()
         self.recheck = asyncio.ensure_future(self.recheck_forever())
 
@@ -81,28 +81,22 @@ class EventsConsumer(NamekConsumer):
             await self.send(text_data=json.dumps(event))
             self.last = event["seq"]
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Live events need no database unless there is a gap (and database_sync_to_async
-        # closes stale connections itself): skip Channels' per-handler thread hop, which
-        # queues every event of every subscriber behind the web process's sync views.
-        if message["type"] == "events.new" and self.lock is not None:
-            await self.events_new(message)
-        else:
-            await super().dispatch(message)
-
-    async def events_new(self, message: dict[str, Any]) -> None:
-        assert self.lock is not None
+    async def deliver(self, message: dict[str, Any]) -> None:
+        """From the hub: ``events.new`` (with each event's JSON text) or ``events.poke``."""
+        if self.lock is None:
+            return
         async with self.lock:
-            for event in message["events"]:
+            if self.closing:
+                return
+            if message["type"] == "events.poke":
+                await self.catch_up()
+                return
+            for event, text in zip(message["events"], message["texts"], strict=True):
                 if event["seq"] == self.last + 1:
-                    await self.send_event(event)
+                    await self.send(text_data=text)
+                    self.last = event["seq"]
                 elif event["seq"] > self.last:
                     await self.catch_up()  # a gap: the database has it
-
-    async def events_poke(self, message: dict[str, Any]) -> None:
-        assert self.lock is not None
-        async with self.lock:
-            await self.catch_up()
 
     async def recheck_forever(self) -> None:
         assert self.sandbox is not None
@@ -123,5 +117,5 @@ class EventsConsumer(NamekConsumer):
             self.recheck.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.recheck
-        if self.joined:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.joined and self.sandbox is not None:
+            await event_hub.hub().leave(self.sandbox.pk, self)
