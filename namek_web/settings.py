@@ -56,7 +56,11 @@ NAMEK_WARM_POOL = env_int("NAMEK_WARM_POOL", 1, minimum=0, maximum=20)
 
 # Agents. With no LLM configured a run needs a step file (the scripted model). The key
 # goes to the runner's environment only, never into the database or a page.
-NAMEK_LLM_PROVIDER = env_choice("NAMEK_LLM_PROVIDER", "openai", ("openai", "anthropic", "google", "ollama"))
+NAMEK_LLM_PROVIDER = env_choice(
+    "NAMEK_LLM_PROVIDER",
+    "openai",
+    ("openai", "anthropic", "google", "ollama", "groq", "mistral", "deepseek", "openrouter", "azure"),
+)
 NAMEK_LLM_MODEL = env_str("NAMEK_LLM_MODEL")
 NAMEK_LLM_BASE_URL = env_url("NAMEK_LLM_BASE_URL", "", ("http", "https")) if env_str("NAMEK_LLM_BASE_URL") else ""
 NAMEK_LLM_API_KEY = env_str("NAMEK_LLM_API_KEY")

@@ -64,9 +64,15 @@ def _build(provider: str, model: str, base_url: str | None, api_key: str | None)
             parameters["http_options"] = {"base_url": base_url}
         else:
             parameters[endpoint_parameter] = base_url
+    if provider == "openai":
+        # browser-use's default of 5 retries with backoff, times the agent's own failure
+        # budget, keeps a run on a dead endpoint alive for minutes before it fails.
+        parameters["max_retries"] = OPENAI_RETRIES
     chat_model: BaseChatModel = getattr(module, class_name)(**parameters)
     return chat_model
 
+
+OPENAI_RETRIES = 2
 
 # provider: (module under browser_use.llm, class, the parameter NAMEK_LLM_BASE_URL goes to)
 _CLASSES = {

@@ -85,6 +85,9 @@ logger = logging.getLogger("sandboxes.agents.runner")
 
 TOKEN_ENV = "NAMEK_RUN_TOKEN"
 
+#: consecutive failed steps (a model error included) before an LLM run gives up
+LLM_MAX_FAILURES = 3
+
 EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -562,7 +565,7 @@ def build_agent(
     if llm is None:
         raise UsageError("no step file and no LLM configured (set NAMEK_LLM_PROVIDER / NAMEK_LLM_MODEL)")
     record_model_inputs(llm, inputs)
-    return Agent(llm=llm, **common), None, max_steps or LLM_MAX_STEPS
+    return Agent(llm=llm, max_failures=LLM_MAX_FAILURES, **common), None, max_steps or LLM_MAX_STEPS
 
 
 async def run(args: argparse.Namespace, work_dir: Path) -> int:
