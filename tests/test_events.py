@@ -464,3 +464,53 @@ async def test_a_process_holds_one_group_membership_for_all_its_subscribers(cast
     for viewer in viewers:
         await viewer.disconnect()
     assert group not in layer.groups or not layer.groups[group]
+
+
+@pytest.fixture
+def redis_layer(settings: Any, tmp_path: Any) -> Any:
+    """A real Redis (Debian's redis-server) as the channel layer, stopped after the test."""
+    from tests.live import free_port
+
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout != b"PONG\n"
+        ):
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        settings.CHANNEL_LAYERS = {
+            "default": {
+                "BACKEND": "channels_redis.core.RedisChannelLayer",
+                "CONFIG": {"hosts": [f"redis://127.0.0.1:{port}/0"]},
+            }
+        }
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.processes
+@pytest.mark.django_db(transaction=True)
+async def test_with_redis_live_events_arrive_at_once(redis_layer: int, cast: dict, make_sandbox, monkeypatch) -> None:
+    """Not by the periodic re-check (pushed out of reach here): through Redis and the hub,
+    while other consumers of the process (the dashboard's) wait on the layer too."""
+    from viewer.consumers import events as events_consumer
+
+    monkeypatch.setattr(events_consumer, "RECHECK_SECONDS", 60.0)
+    box = await database_sync_to_async(make_sandbox)()
+    dashboard = communicator("/ws/sandboxes/", cast["tokens"]["owner"])
+    assert (await dashboard.connect())[0]
+    await dashboard.receive_from(5)  # its snapshot
+    viewers = [communicator(f"/ws/sandboxes/{box.pk}/events/", cast["tokens"]["owner"]) for _ in range(3)]
+    for viewer in viewers:
+        assert (await viewer.connect())[0]
+    for n in range(5):
+        await record(box.pk, "person.note", f"live {n}")
+        for viewer in viewers:
+            assert [e["text"] for e in await receive_events(viewer, 1, timeout=1.5)] == [f"live {n}"]
+    for comm in [*viewers, dashboard]:
+        await comm.disconnect()

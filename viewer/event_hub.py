@@ -41,7 +41,10 @@ class EventHub:
 
     async def join(self, sandbox_id: int, subscriber: Subscriber) -> None:
         if not self.channel:
-            self.channel = await self.layer.new_channel("event-hub.")
+            # The default prefix: channels_redis reads every process-local channel of a
+            # process from one Redis list, named after the prefix (another prefix would
+            # only be read when no consumer of this process is waiting: seconds late).
+            self.channel = await self.layer.new_channel()
             self.tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self._rejoin())]
         members = self.subscribers.setdefault(sandbox_id, set())
         if not members:

@@ -340,9 +340,9 @@ class Supervisor:
     async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
         self.watchers.add(queue)
+        closed = asyncio.ensure_future(reader.read())  # ends when the watcher goes, or resets
         try:
             writer.write(protocol.encode({"ok": True}))
-            closed = asyncio.ensure_future(reader.read())
             while not closed.done():
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -351,8 +351,13 @@ class Supervisor:
                     await writer.drain()
                 else:
                     getter.cancel()
+        except (ConnectionError, OSError):
+            pass  # the watcher went mid-write
         finally:
             self.watchers.discard(queue)
+            if closed.done() and not closed.cancelled():
+                closed.exception()  # a reset watcher is how watching ends, not an error
+            closed.cancel()
 
     async def _handle(self, op: str, request: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         if op == "ping":
