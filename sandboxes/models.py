@@ -20,6 +20,11 @@ class Phase(models.TextChoices):
     FAILED = "failed"
 
 
+def token_digest(token: str) -> str:
+    """What is stored of a secret token (API or run): its SHA-256, never the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 #: Phases in which a sandbox may still own processes somewhere.
 LIVE_PHASES = (Phase.PENDING, Phase.STARTING, Phase.READY, Phase.STOPPING)
 
@@ -154,7 +159,7 @@ class AgentRun(models.Model):
     def new_token(cls) -> tuple[str, str]:
         """(token, its digest): the token is handed to the runner once."""
         token = cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
-        return token, hashlib.sha256(token.encode()).hexdigest()
+        return token, token_digest(token)
 
 
 class ApiTokenQuerySet(models.QuerySet["ApiToken"]):
@@ -181,7 +186,7 @@ class ApiToken(models.Model):
 
     @staticmethod
     def hash(token: str) -> str:
-        return hashlib.sha256(token.encode()).hexdigest()
+        return token_digest(token)
 
     @classmethod
     def issue(cls, user: models.Model, name: str = "") -> tuple[ApiToken, str]:

@@ -12,7 +12,6 @@ group ``run-<id>``, which the run's bridge connection (``viewer.consumers.agent`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from sandboxes import events
 from sandboxes.agents.steps import StepFileError, parse_step_file
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, RunnerSpec
-from sandboxes.models import ACTIVE_RUN_STATUSES, AgentRun, Phase, RunStatus, Sandbox
+from sandboxes.models import ACTIVE_RUN_STATUSES, AgentRun, Phase, RunStatus, Sandbox, token_digest
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +71,12 @@ def demos() -> dict[str, Path]:
     return {path.stem: path for path in sorted(DEMO_DIR.glob("*.yaml"))}
 
 
-def run_for_token(token: str) -> AgentRun | None:
-    """The active run a bridge or CDP token belongs to."""
+def run_for_token(token: str, *, active: bool = True) -> AgentRun | None:
+    """The run a bridge or CDP token belongs to: only an active one unless ``active`` is off."""
     if not token.startswith(AgentRun.TOKEN_PREFIX):
         return None
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    return AgentRun.objects.filter(token_digest=digest, status__in=ACTIVE_RUN_STATUSES).first()
+    runs = AgentRun.objects.filter(token_digest=token_digest(token))
+    return (runs.filter(status__in=ACTIVE_RUN_STATUSES) if active else runs).first()
 
 
 def bridge_url(run_id: int) -> str:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from tests.live import LiveNamek, ready_sandbox, running
 
@@ -65,3 +66,14 @@ def make_sandbox(cast: dict):  # type: ignore[no-untyped-def]
         )
 
     return make
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium, driven by Playwright (its own browsers cannot be downloaded here)."""
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()

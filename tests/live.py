@@ -32,9 +32,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def marked_processes(data_dir: Path) -> list[int]:
-    """Pids of processes started for sandboxes of this data dir."""
-    wanted = f"{MARKER}={data_dir}".encode()
+def processes_with(variable: str) -> list[int]:
+    """Pids of processes whose environment holds ``variable`` (``NAME=value``)."""
+    wanted = variable.encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -42,6 +42,11 @@ def marked_processes(data_dir: Path) -> list[int]:
                 if wanted in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
     return found
+
+
+def marked_processes(data_dir: Path) -> list[int]:
+    """Pids of processes started for sandboxes (and agent runs) of this data dir."""
+    return processes_with(f"{MARKER}={data_dir}")
 
 
 class LiveNamek:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from playwright.async_api import async_playwright
 
-from tests.live import LiveNamek, free_port, ready_sandbox, running
+from tests.live import LiveNamek, free_port, processes_with, ready_sandbox, running
 
 pytestmark = [pytest.mark.processes, pytest.mark.browser]
 
@@ -162,14 +162,8 @@ def test_a_killed_runner_fails_its_run_and_the_sandbox_stays_usable(live_namek: 
 
 
 def runner_pids(namek: LiveNamek, run_id: int) -> list[int]:
-    wanted = f"NAMEK_SANDBOX_ID=run-{run_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-    return found
+    """The supervisor marks a run's runner with ``NAMEK_SANDBOX_ID=run-<id>``."""
+    return processes_with(f"NAMEK_SANDBOX_ID=run-{run_id}")
 
 
 def test_stopping_a_run_ends_its_runner(live_namek: LiveNamek, box: dict[str, Any]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 import yaml
 from django.test import Client
 from django.utils import timezone
-from playwright.async_api import Browser, Locator, Page, async_playwright
+from playwright.async_api import Browser, Locator, Page
 
 from tests.live import LiveNamek
 from viewer.demo import CATEGORIES, PRODUCTS
@@ -390,16 +389,6 @@ def test_the_step_files_follow_the_format() -> None:
                 assert set(target) in ({"label"}, {"text"}, {"css"}, {"role", "name"}), step
         assert action_of(flow["steps"][-1]) == "done" and flow["steps"][-1]["done"]["success"] is True
         assert [action_of(step) for step in flow["steps"]].count("done") == 1
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 def locators(page: Page, target: dict[str, str]) -> list[Locator]:

@@ -417,49 +417,43 @@ async def test_a_viewer_who_may_not_type_has_its_keystrokes_dropped() -> None:
 
 @pytest.mark.browser
 async def test_mount_terminal_types_into_the_shell_from_a_real_browser(
-    live_namek: LiveNamek, shell_box: dict[str, Any]
+    live_namek: LiveNamek, shell_box: dict[str, Any], browser: Any
 ) -> None:
     """static/namek/terminal.js on the sandbox page, in Debian's Chromium."""
-    from playwright.async_api import async_playwright
-
     from tests.test_e2e_browser import log_in
 
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        try:
-            page = await browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            await log_in(page, live_namek.base_url)
-            await page.goto(f"{live_namek.base_url}/sandboxes/{shell_box['id']}/")
-            await page.evaluate(
-                """async (id) => {
-                    const box = Object.assign(document.createElement("div"), { id: "terminal-test" });
-                    box.style.cssText = "width: 800px; height: 400px";
-                    document.body.prepend(box);
-                    const { mountTerminal } = await import("/static/namek/terminal.js");
-                    window.terminalState = "";
-                    window.terminalPane = mountTerminal(box, id,
-                        { onState: (text) => { window.terminalState = text; } });
-                }""",
-                shell_box["id"],
-            )
-            await page.wait_for_function("window.terminalState === 'Live'", timeout=15000)
-            await page.evaluate("window.terminalPane.focus()")
-            await page.keyboard.type("echo WEB$((5*5))PAGE\n")
-            await page.wait_for_function(
-                "document.querySelector('#terminal-test .xterm-rows').textContent.includes('WEB25PAGE')",
-                timeout=15000,
-            )
-            # The module brought xterm.js's stylesheet along.
-            await page.wait_for_function(
-                "getComputedStyle(document.querySelector('.xterm-helpers')).position === 'absolute'", timeout=5000
-            )
-            assert await page.locator("link[data-xterm]").count() == 1
-            await page.evaluate("window.terminalPane.stop()")
-            assert errors == []
-        finally:
-            await browser.close()
+    page = await browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await log_in(page, live_namek.base_url)
+    await page.goto(f"{live_namek.base_url}/sandboxes/{shell_box['id']}/")
+    await page.evaluate(
+        """async (id) => {
+            const box = Object.assign(document.createElement("div"), { id: "terminal-test" });
+            box.style.cssText = "width: 800px; height: 400px";
+            document.body.prepend(box);
+            const { mountTerminal } = await import("/static/namek/terminal.js");
+            window.terminalState = "";
+            window.terminalPane = mountTerminal(box, id,
+                { onState: (text) => { window.terminalState = text; } });
+        }""",
+        shell_box["id"],
+    )
+    await page.wait_for_function("window.terminalState === 'Live'", timeout=15000)
+    await page.evaluate("window.terminalPane.focus()")
+    await page.keyboard.type("echo WEB$((5*5))PAGE\n")
+    await page.wait_for_function(
+        "document.querySelector('#terminal-test .xterm-rows').textContent.includes('WEB25PAGE')",
+        timeout=15000,
+    )
+    # The module brought xterm.js's stylesheet along.
+    await page.wait_for_function(
+        "getComputedStyle(document.querySelector('.xterm-helpers')).position === 'absolute'", timeout=5000
+    )
+    assert await page.locator("link[data-xterm]").count() == 1
+    await page.evaluate("window.terminalPane.stop()")
+    assert errors == []
+    await page.close()
 
 
 def test_a_sandbox_claimed_from_the_warm_pool_has_its_shell(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ from websockets.exceptions import ConnectionClosed
 from namek_web.serve import WEBSOCKET_MAX_BYTES
 from sandboxes.backends.base import Endpoint
 from viewer.closecodes import Close
+from viewer.frames import is_int
 from viewer.screen_relay import RelayClosed
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def check_command(text: str) -> None:
     if not isinstance(message, dict):
         raise RelayClosed(Close.BAD_MESSAGE, 'expected a CDP command {"id": int, "method": str}')
     command_id, method = message.get("id"), message.get("method")
-    if not isinstance(command_id, int) or isinstance(command_id, bool) or not isinstance(method, str):
+    if not is_int(command_id) or not isinstance(method, str):
         raise RelayClosed(Close.BAD_MESSAGE, 'expected a CDP command {"id": int, "method": str}')
 
 
@@ -290,7 +291,7 @@ class CdpRelay:
         except ValueError:
             parsed = None
         command_id = parsed.get("id") if isinstance(parsed, dict) else None
-        if not isinstance(command_id, int) or isinstance(command_id, bool):
+        if not is_int(command_id):
             self.dropped_events += 1
             method = parsed.get("method") if isinstance(parsed, dict) else None
             log.warning("cdp relay: dropped a %d-byte message (%s) over the client limit", size, method)

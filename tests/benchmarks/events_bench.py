@@ -679,11 +679,7 @@ def measure_layer(
     try:
         print(f"[{layer}] starting Namek in {directory} ...", file=sys.stderr, flush=True)
         namek.start()
-        status, created = namek.api("POST", "/api/sandboxes", body={"name": "events-bench"})
-        if status != 201:
-            raise RuntimeError(f"POST /api/sandboxes answered {status}: {created}")
-        sandbox_id = int(created["id"])
-        namek.wait_phase(sandbox_id, "ready")
+        sandbox_id = int(namek.create_sandbox(name="events-bench")["id"])
         for kind in writers:
             for count in COUNTS:
                 label = f"[{layer}/{kind}] {count}"

@@ -428,11 +428,7 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     try:
         print(f"starting Namek in {base} ...", file=sys.stderr, flush=True)
         namek.start()
-        status, created = namek.api("POST", "/api/sandboxes", body={"name": "terminal-bench"})
-        if status != 201:
-            raise RuntimeError(f"POST /api/sandboxes answered {status}: {created}")
-        sandbox_id = int(created["id"])
-        namek.wait_phase(sandbox_id, "ready")
+        sandbox_id = int(namek.create_sandbox(name="terminal-bench")["id"])
         shell_argv = LocalBackend(str(namek.data_dir / "supervisor.sock")).open_shell(sandbox_id, readonly=False)
         samples = asyncio.run(measure_rounds(namek, sandbox_id, shell_argv, base, args, on_pty=ptys.append))
         load_after = os.getloadavg()[0]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 from typing import Any
@@ -46,6 +45,7 @@ from sandboxes.auth import bearer_token
 from sandboxes.models import AgentRun
 from viewer.closecodes import Close
 from viewer.consumers.base import NamekConsumer, origin_allowed
+from viewer.frames import is_int
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +69,13 @@ class AgentBridgeConsumer(NamekConsumer):
             return Close.FORBIDDEN  # a page elsewhere must not drive a run through a visitor
         token = bearer_token(headers.get(b"authorization", b"").decode("latin-1")) or ""
         run_id = self.scope["url_route"]["kwargs"]["run_id"]
-        self.run = await database_sync_to_async(self._find)(token)
+        self.run = await database_sync_to_async(runs.run_for_token)(token)
         if self.run is None:
-            known = await database_sync_to_async(self._known)(token)
-            return Close.FORBIDDEN if known else Close.UNAUTHENTICATED
+            ended = await database_sync_to_async(runs.run_for_token)(token, active=False)
+            return Close.FORBIDDEN if ended else Close.UNAUTHENTICATED
         if self.run.pk != run_id:
             return Close.FORBIDDEN
         return None
-
-    @staticmethod
-    def _find(token: str) -> AgentRun | None:
-        return runs.run_for_token(token)
-
-    @staticmethod
-    def _known(token: str) -> bool:
-        return AgentRun.objects.filter(token_digest=hashlib.sha256(token.encode()).hexdigest()).exists()
 
     async def opened(self) -> None:
         assert self.run is not None
@@ -120,7 +112,7 @@ class AgentBridgeConsumer(NamekConsumer):
         elif kind == "status":
             await self._status(message)
         elif kind == "ack":
-            if message.get("command") not in COMMANDS or not _is_int(message.get("id")):
+            if message.get("command") not in COMMANDS or not is_int(message.get("id")):
                 raise ValueError("ack needs an integer id and a command")
             log.info("run %s: %s %s acknowledged", self.run.pk, message["command"], message["id"])
         elif kind == "hello":
@@ -209,7 +201,3 @@ def _screenshot(message: dict[str, Any]) -> bytes | None:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("screenshot is not valid base64") from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

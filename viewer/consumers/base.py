@@ -11,12 +11,15 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
 from sandboxes.access import can_view
+from sandboxes.backends import get_backend
+from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 from viewer.closecodes import Close, reason
 
@@ -41,6 +44,8 @@ class NamekConsumer(AsyncWebsocketConsumer):
     subprotocols: tuple[str, ...] = ()
     #: whether the URL names a sandbox that must exist and be visible
     needs_sandbox = True
+    #: whether the browser's frames skip Channels' per-handler thread hop (see dispatch)
+    frames_skip_database = False
 
     sandbox: Sandbox | None = None
     closing = False
@@ -74,6 +79,31 @@ class NamekConsumer(AsyncWebsocketConsumer):
 
     async def opened(self) -> None:
         """Called once the connection passed every check."""
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections in a worker thread before every
+        # handler: one hop per browser frame through asgiref's one shared thread. Relays
+        # whose frames never touch the database skip it (measured on the screen relay:
+        # about 20 % less CPU per relayed MB, see tests/benchmarks).
+        if self.frames_skip_database and message["type"] == "websocket.receive":
+            await self.websocket_receive(message)
+        else:
+            await super().dispatch(message)
+
+    async def ask_backend(self, method: str, **kwargs: Any) -> Any:
+        """Call the sandbox's backend (``screen_target``, ``browser_target``,
+        ``open_shell``...) in a thread. Returns None, having closed with 1011, when the
+        sandbox is not ready or the backend fails."""
+        assert self.sandbox is not None
+        if self.sandbox.phase != "ready":
+            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
+            return None
+        call = getattr(get_backend(self.sandbox.backend), method)
+        try:
+            return await sync_to_async(call, thread_sensitive=False)(self.sandbox.pk, **kwargs)
+        except BackendError as exc:
+            await self.close_with(Close.UNREACHABLE, str(exc))
+            return None
 
     async def close_with(self, code: Close, detail: str = "") -> None:
         if self.closing:

@@ -21,14 +21,11 @@ import logging
 import time
 from typing import Any, ClassVar
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from sandboxes import services
 from sandboxes.access import can_use
-from sandboxes.backends import get_backend
-from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 from viewer.cdp_relay import CdpRelay, Unflushed
 from viewer.closecodes import Close, reason
@@ -73,6 +70,7 @@ def _daphne_transport(send: Any) -> Any:
 
 
 class CdpConsumer(NamekConsumer):
+    frames_skip_database = True
     relay: CdpRelay | None = None
     #: whether this connection counts as a viewer (for the idle timeout)
     counted = False
@@ -130,14 +128,8 @@ class CdpConsumer(NamekConsumer):
 
     async def opened(self) -> None:
         assert self.sandbox is not None
-        if self.sandbox.phase != "ready":
-            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
-            return
-        backend = get_backend(self.sandbox.backend)
-        try:
-            target = await sync_to_async(backend.browser_target, thread_sensitive=False)(self.sandbox.pk)
-        except BackendError as exc:
-            await self.close_with(Close.UNREACHABLE, str(exc))
+        target = await self.ask_backend("browser_target")
+        if target is None:
             return
         unflushed = daphne_unflushed(self.base_send)
         if unflushed is None and not CdpConsumer.warned_unobservable:
@@ -163,14 +155,6 @@ class CdpConsumer(NamekConsumer):
             await self.close_with(closed.code, closed.detail)
             return
         log.info("sandbox %s: CDP opened by %s", self.sandbox.pk, self.who())
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # As in the screen consumer: client messages never touch the database, so they skip
-        # Channels' per-handler thread hop that closes stale database connections.
-        if message["type"] == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
 
     async def send_text(self, text: str) -> None:
         if not self.closing:

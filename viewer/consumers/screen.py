@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from django.conf import settings
 
 from sandboxes import services
-from sandboxes.backends import get_backend
-from sandboxes.backends.base import BackendError
-from viewer.closecodes import Close
 from viewer.consumers.base import NamekConsumer
 from viewer.screen_relay import RelayClosed, ScreenRelay
 
 
 class ScreenConsumer(NamekConsumer):
     subprotocols = ("binary",)
+    frames_skip_database = True
     relay: ScreenRelay | None = None
     #: whether this connection counts as a viewer (for the idle timeout)
     counted = False
 
     async def opened(self) -> None:
         assert self.sandbox is not None
-        if self.sandbox.phase != "ready":
-            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
-            return
-        backend = get_backend(self.sandbox.backend)
-        try:
-            target = await sync_to_async(backend.screen_target, thread_sensitive=False)(self.sandbox.pk)
-        except BackendError as exc:
-            await self.close_with(Close.UNREACHABLE, str(exc))
+        target = await self.ask_backend("screen_target")
+        if target is None:
             return
         self.relay = ScreenRelay(
             target,
@@ -47,16 +36,6 @@ class ScreenConsumer(NamekConsumer):
             return
         await database_sync_to_async(services.viewer_joined)(self.sandbox.pk)
         self.counted = True
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels closes stale database connections in a worker thread before every
-        # handler: one thread hop per browser frame (acks, input), through asgiref's one
-        # shared thread. Browser frames never touch the database, so they skip it
-        # (measured: about 20 % less CPU per relayed MB, see tests/benchmarks).
-        if message["type"] == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
 
     async def send_binary(self, data: bytes) -> None:
         if not self.closing:

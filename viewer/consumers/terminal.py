@@ -30,16 +30,14 @@ import logging
 import time
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 
 from sandboxes import events
 from sandboxes.access import can_use
-from sandboxes.backends import get_backend
-from sandboxes.backends.base import BackendError
 from sandboxes.models import Sandbox
 from viewer.closecodes import Close
 from viewer.consumers.base import NamekConsumer
+from viewer.frames import is_int
 from viewer.terminal import WINDOW, Terminal, TerminalError, TooMuchInput
 
 log = logging.getLogger(__name__)
@@ -48,6 +46,7 @@ MAX_MESSAGE = 64 * 1024
 
 
 class TerminalConsumer(NamekConsumer):
+    frames_skip_database = True
     terminal: Terminal | None = None
     readonly = True
     attached_at = 0.0
@@ -59,17 +58,9 @@ class TerminalConsumer(NamekConsumer):
 
     async def opened(self) -> None:
         assert self.sandbox is not None
-        if self.sandbox.phase != "ready":
-            await self.close_with(Close.UNREACHABLE, f"the sandbox is {self.sandbox.phase}")
-            return
         self.readonly = not await database_sync_to_async(self.may_type)(self.scope["user"], self.sandbox)
-        backend = get_backend(self.sandbox.backend)
-        try:
-            argv = await sync_to_async(backend.open_shell, thread_sensitive=False)(
-                self.sandbox.pk, readonly=self.readonly
-            )
-        except BackendError as exc:
-            await self.close_with(Close.UNREACHABLE, str(exc))
+        argv = await self.ask_backend("open_shell", readonly=self.readonly)
+        if argv is None:
             return
         # setup goes first: once started, the terminal sends output whenever it has some.
         await self.send_message(["setup", {"readonly": self.readonly, "sandbox": self.sandbox.pk, "window": WINDOW}])
@@ -92,14 +83,6 @@ class TerminalConsumer(NamekConsumer):
             await database_sync_to_async(events.record)(self.sandbox.pk, kind, text, data=data, actor=actor)
         except Exception:  # the log is not worth a shell: the viewer keeps (or ends) its session
             log.exception("sandbox %s: could not log %s", self.sandbox.pk, kind)
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # As in the screen consumer: keystrokes and acks never touch the database, so they
-        # skip Channels' per-handler thread hop that closes stale connections.
-        if message["type"] == "websocket.receive":
-            await self.websocket_receive(message)
-        else:
-            await super().dispatch(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.terminal is None or self.closing:
@@ -127,9 +110,9 @@ class TerminalConsumer(NamekConsumer):
         if kind == "stdin" and len(args) == 1 and isinstance(args[0], str):
             if not self.readonly:
                 self.terminal.write(args[0])
-        elif kind == "set_size" and len(args) == 2 and all(_is_int(a) for a in args):
+        elif kind == "set_size" and len(args) == 2 and all(is_int(a) for a in args):
             self.terminal.resize(args[0], args[1])
-        elif kind == "ack" and len(args) == 1 and _is_int(args[0]):
+        elif kind == "ack" and len(args) == 1 and is_int(args[0]):
             self.terminal.ack(args[0])
         elif kind in ("stdin", "set_size", "ack"):
             raise ValueError(f"bad arguments for {kind}")
@@ -159,7 +142,3 @@ class TerminalConsumer(NamekConsumer):
             await self.terminal.close()
             seconds = round(time.monotonic() - self.attached_at, 1)
             await self.record("terminal.closed", f"Terminal closed after {seconds} s", seconds=seconds, code=code)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
