@@ -66,6 +66,10 @@ NAMEK_LLM_BASE_URL = env_url("NAMEK_LLM_BASE_URL", "", ("http", "https")) if env
 NAMEK_LLM_API_KEY = env_str("NAMEK_LLM_API_KEY")
 NAMEK_LLM_CONFIGURED = bool(NAMEK_LLM_MODEL)
 NAMEK_RUN_STOP_GRACE = env_float("NAMEK_RUN_STOP_GRACE", 10.0, minimum=0.5)
+# Takeover (sandboxes.control): how long a take-over waits for the agent's pause, and how
+# long the holder's connections may all be gone before control lapses to nobody.
+NAMEK_TAKEOVER_PAUSE_TIMEOUT = env_float("NAMEK_TAKEOVER_PAUSE_TIMEOUT", 15.0, minimum=0.0)
+NAMEK_CONTROL_LAPSE = env_float("NAMEK_CONTROL_LAPSE", 60.0, minimum=1.0)
 
 # Limits. One sandbox is ~0.4-0.5 GiB and a busy one about a core: the defaults fit the
 # 2-core, 24 GiB machines Namek is measured on.

@@ -12,14 +12,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.core.files.storage import default_storage
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
-from sandboxes import events, runs, services
-from sandboxes.access import can_use, can_view, visible_sandboxes
+from sandboxes import control, events, runs, services
+from sandboxes.access import can_create, can_use, can_view, visible_sandboxes
 from sandboxes.auth import authenticate_request
 from sandboxes.backends.base import BackendError
 from sandboxes.models import AgentRun, Event, Phase, Sandbox
@@ -36,23 +37,32 @@ EVENTS_MAX_LIMIT = 1000
 View = Callable[..., HttpResponse]
 
 
+def _admit(request: HttpRequest, methods: tuple[str, ...]) -> HttpResponse | None:
+    """The method, the credentials and (for a session's writes) CSRF; sets request.user.
+    Returns the error response, or None."""
+    if request.method not in methods:
+        response = json_error(405, f"method not allowed; use {' or '.join(methods)}")
+        response["Allow"] = ", ".join(methods)
+        return response
+    user, method = authenticate_request(request)
+    if method is None:
+        return json_error(401, "authentication required: log in, or send Authorization: Bearer <token>")
+    if method == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
+        refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
+        if refused is not None:
+            return refused
+    request.user = user
+    return None
+
+
 def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
     def decorate(view: View) -> View:
         @csrf_exempt
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:  # noqa: PLR0911 - one per error
-            if request.method not in methods:
-                response = json_error(405, f"method not allowed; use {' or '.join(methods)}")
-                response["Allow"] = ", ".join(methods)
-                return response
-            user, method = authenticate_request(request)
-            if method is None:
-                return json_error(401, "authentication required: log in, or send Authorization: Bearer <token>")
-            if method == "session" and request.method not in ("GET", "HEAD", "OPTIONS"):
-                refused = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, None, (), {})
-                if refused is not None:
-                    return refused
-            request.user = user
+            refused = _admit(request, methods)
+            if refused is not None:
+                return refused
             try:
                 return view(request, *args, **kwargs)
             except services.SandboxRequestError as exc:
@@ -65,6 +75,8 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
                 return json_error(exc.status, str(exc), limit=exc.limit)
             except BackendError as exc:
                 return json_error(503 if exc.retryable else 502, str(exc))
+            except control.ControlError as exc:
+                return json_error(exc.status, str(exc))
 
         return wrapper
 
@@ -86,7 +98,7 @@ def _json_body(request: HttpRequest, limit: int = MAX_BODY) -> dict[str, Any]:
 
 
 def _find(request: HttpRequest, sandbox_id: int) -> Sandbox | HttpResponse:
-    sandbox = Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
+    sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=sandbox_id).first()
     if sandbox is None:
         return json_error(404, f"no sandbox {sandbox_id}")
     if not can_view(request.user, sandbox):
@@ -102,6 +114,8 @@ def sandboxes(request: HttpRequest) -> HttpResponse:
         if not show_all:
             found = found.exclude(phase=Phase.STOPPED)
         return JsonResponse({"sandboxes": [services.sandbox_json(s) for s in found]})
+    if not can_create(request.user):
+        return json_error(403, "viewers may not create sandboxes")
     try:
         body = _json_body(request)
     except ValueError as exc:
@@ -253,9 +267,70 @@ def run_command(request: HttpRequest, run_id: int, command: str) -> HttpResponse
     elif command == "pause":
         runs.pause(found)
     else:
-        runs.resume(found, body.get("note", ""))
+        runs.resume(found, request.user, body.get("note", ""))
     found.refresh_from_db()
     return JsonResponse(runs.run_json(found))
+
+
+@api_view(("GET",))
+def sandbox_control(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    """Who drives the sandbox, and what the caller may do about it."""
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    if control.expire_lapsed():
+        found.refresh_from_db()
+    return JsonResponse(control.state_json(control.lease_of(found.pk), request.user))
+
+
+def _takeover_request(request: HttpRequest, sandbox_id: int) -> HttpResponse | Sandbox:
+    refused = _admit(request, ("POST",))
+    if refused is not None:
+        return refused
+    try:
+        body = _json_body(request)
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    if body:
+        return json_error(400, f"unknown fields: {', '.join(sorted(body))}; take over takes none")
+    return _find(request, sandbox_id)
+
+
+@csrf_exempt
+async def takeover(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    """Take control: answers once the agent has paused (or did not in time) and the
+    caller's connections are interactive; 409 while someone else drives."""
+    found = await sync_to_async(_takeover_request)(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    try:
+        state = await control.take_over(found.pk, request.user)
+    except control.ControlError as exc:
+        return json_error(exc.status, str(exc))
+    return JsonResponse(state)
+
+
+@api_view(("POST",))
+def handback(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    """Hand control back (``{"note": str}`` optional): the agent resumes with the note."""
+    found = _find(request, sandbox_id)
+    if isinstance(found, HttpResponse):
+        return found
+    try:
+        body = _json_body(request)
+    except ValueError as exc:
+        return json_error(400, str(exc))
+    unknown = sorted(set(body) - {"note"})
+    if unknown:
+        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: note")
+    lease = control.lease_of(found.pk)
+    if lease.holder != "person":
+        return json_error(409, "nobody holds control")
+    if not isinstance(body.get("note", ""), str):
+        return json_error(400, "note: must be a string")
+    image = control.screenshot_now(found.pk)
+    control.release(found.pk, request.user, body.get("note", ""), screenshot=image)
+    return JsonResponse(control.state_json(control.lease_of(found.pk), request.user))
 
 
 @csrf_exempt

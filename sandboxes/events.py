@@ -42,7 +42,17 @@ agent.paused                agent    ``run``
 agent.resumed               agent    ``run``, ``note`` (given with the resume, or empty)
 agent.done                  agent    ``run``, ``result``, ``steps``, ``seconds``
 agent.failed                agent    ``run``, ``error``, ``steps``, ``seconds``
-control.*                   either   reserved for the control lease (the takeover issue)
+control.requested           person   (none): someone asked to take over
+control.refused             person   ``reason``: why not (someone else drives, not allowed...)
+control.granted             person   ``span``, ``run``, ``agent`` ("paused", "unconfirmed": no
+                                     pause ack within the timeout, "none": no agent),
+                                     ``waited`` seconds; with a screenshot
+control.handed_back         either   ``span``, ``run``, ``user``, ``seconds`` in control,
+                                     ``inputs`` ({keys, pointer, clipboard, terminal}),
+                                     ``note``, ``by``, ``how`` ("handed_back", or "released"
+                                     by an admin or the sandbox stopping); with a screenshot
+control.lapsed              system   ``span``, ``run``, ``user``, ``seconds``, ``inputs``,
+                                     ``lapse``: the holder's connections were all gone that long
 share.*                     person   reserved for share links and the wall (the demo-screen issue)
 =========================== ======== ==========================================================
 
@@ -107,9 +117,14 @@ KINDS: dict[str, Kind] = {
     "agent.resumed": Kind(Source.AGENT, "run, note"),
     "agent.done": Kind(Source.AGENT, "run, result, steps, seconds"),
     "agent.failed": Kind(Source.AGENT, "run, error, steps, seconds"),
+    "control.requested": Kind(Source.PERSON, "(none)"),
+    "control.refused": Kind(Source.PERSON, "reason"),
+    "control.granted": Kind(Source.PERSON, "span, run, agent, waited"),
+    "control.handed_back": Kind(Source.PERSON, "span, run, user, seconds, inputs, note, by, how"),
+    "control.lapsed": Kind(Source.SYSTEM, "span, run, user, seconds, inputs, lapse"),
 }
 #: families of kinds that later issues define; nothing may write them before then
-RESERVED_PREFIXES = ("control.", "share.")
+RESERVED_PREFIXES = ("share.",)
 
 
 class EventError(ValueError):
@@ -197,7 +212,8 @@ def append(sandbox: Sandbox, new: NewEvent) -> Event:
     """Add an event to a sandbox whose row the caller holds locked in a transaction
     (``select_for_update``); it is published when that transaction commits."""
     _check(new)
-    event = _insert(sandbox, new, ("", ""))
+    # A file left behind by a rolled-back transaction is removed with the sandbox's files.
+    event = _insert(sandbox, new, _store_screenshot(sandbox.pk, new.screenshot))
     payload = event_json(event)
     transaction.on_commit(lambda: publish(sandbox.pk, [payload]))
     return event

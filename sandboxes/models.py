@@ -192,3 +192,74 @@ class ApiToken(models.Model):
     def issue(cls, user: models.Model, name: str = "") -> tuple[ApiToken, str]:
         token = cls.PREFIX + secrets.token_urlsafe(32)
         return cls.objects.create(user=user, name=name, digest=cls.hash(token)), token
+
+
+class Holder(models.TextChoices):
+    NOBODY = "nobody"
+    AGENT = "agent"
+    PERSON = "person"
+
+
+class ControlSpan(models.Model):
+    """One person's time in control of a sandbox, from the request to its end: the audit
+    record behind the ``control.*`` events (who, when, how long, how many inputs, note)."""
+
+    class Ended(models.TextChoices):
+        HANDED_BACK = "handed_back"
+        RELEASED = "released"  # ended by someone else (an admin) or by the sandbox going
+        LAPSED = "lapsed"
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="control_spans")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    username = models.CharField(max_length=150)
+    #: the agent run that was active when control was taken (and paused for it)
+    run = models.ForeignKey(AgentRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    requested_at = models.DateTimeField(default=timezone.now)
+    granted_at = models.DateTimeField(null=True, blank=True)
+    #: whether the agent acknowledged its pause in time (None: there was no agent to pause)
+    agent_confirmed = models.BooleanField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    ended = models.CharField(max_length=16, choices=Ended.choices, blank=True)
+    ended_by = models.CharField(max_length=150, blank=True)
+    note = models.TextField(blank=True)
+    # Input the holder's connections forwarded (counted per connection, added up here)
+    keys = models.PositiveIntegerField(default=0)
+    pointer = models.PositiveIntegerField(default=0)
+    clipboard = models.PositiveIntegerField(default=0)
+    terminal = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"control span #{self.pk} of {self.username} on sandbox {self.sandbox_id}"
+
+    @property
+    def inputs(self) -> dict[str, int]:
+        return {"keys": self.keys, "pointer": self.pointer, "clipboard": self.clipboard, "terminal": self.terminal}
+
+
+class ControlLease(models.Model):
+    """Who drives a sandbox: its agent run, one person, or nobody. One row per sandbox,
+    changed only by ``sandboxes.control`` under a lock; ``version`` grows with every change
+    so that web processes can order what the channel layer tells them."""
+
+    sandbox = models.OneToOneField(Sandbox, primary_key=True, on_delete=models.CASCADE, related_name="lease")
+    holder = models.CharField(max_length=8, choices=Holder.choices, default=Holder.NOBODY)
+    #: the person holding control, or taking it (holder "person")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    #: that person's span
+    span = models.ForeignKey(ControlSpan, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    #: the person's connections are interactive (the agent's pause settled or timed out)
+    granted = models.BooleanField(default=False)
+    #: the sandbox's active agent run, whoever drives (it stays paused while a person does)
+    run = models.ForeignKey(AgentRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    version = models.PositiveBigIntegerField(default=0)
+    changed_at = models.DateTimeField(default=timezone.now)
+    #: the last sign of life from the holding person's connections (for the lapse)
+    seen_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"control of sandbox {self.sandbox_id}: {self.holder} (v{self.version})"

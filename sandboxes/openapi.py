@@ -81,6 +81,13 @@ SANDBOX_EXAMPLE: dict[str, Any] = {
     "last_event_seq": 3,
     "url": "/sandboxes/7/",
     "screen_ws": "/ws/sandboxes/7/screen/",
+    "control": {
+        "state": "agent",
+        "label": "Agent driving",
+        "user": None,
+        "run": {"id": 3, "status": "running"},
+        "since": "2025-05-01T09:31:00.250000+00:00",
+    },
 }
 
 EVENT_EXAMPLE: dict[str, Any] = {
@@ -150,8 +157,68 @@ def _components() -> dict[str, Any]:
             },
             "url": {"type": "string", "description": "the sandbox's page in Namek (a path)"},
             "screen_ws": {"type": "string", "description": "the websocket path of its screen (RFB)"},
+            "control": _ref("schemas", "ControlSummary"),
         },
         "example": SANDBOX_EXAMPLE,
+    }
+    control_states = {
+        "type": "string",
+        "enum": ["nobody", "agent", "paused", "pending", "person", "you"],
+        "description": "who drives: nobody; the agent run; nobody while the run is paused; a person taking "
+        "over (the agent is pausing); a person; `you` (only in GET control, for the holder)",
+    }
+    control_summary = {
+        "type": "object",
+        "description": "Who drives the sandbox (the control lease), as everyone may see it.",
+        "additionalProperties": False,
+        "required": ["state", "label", "user", "run", "since"],
+        "properties": {
+            "state": control_states,
+            "label": {"type": "string", "description": "the banner, e.g. `Agent driving`, `alice is driving`"},
+            "user": {"type": "string", "nullable": True, "description": "the person driving or taking over"},
+            "run": {
+                "type": "object",
+                "nullable": True,
+                "description": "the sandbox's active agent run",
+                "additionalProperties": False,
+                "required": ["id", "status"],
+                "properties": {
+                    "id": {"type": "integer", "format": "int64", "minimum": 1},
+                    "status": {"type": "string", "enum": ["pending", "running", "paused"]},
+                },
+            },
+            "since": {**timestamp, "nullable": True, "description": "when the lease last changed"},
+        },
+    }
+    control = {
+        **control_summary,
+        "description": "The control lease as the caller sees it, with what they may do.",
+        "required": [*control_summary["required"], "version", "may"],
+        "properties": {
+            **control_summary["properties"],
+            "version": {"type": "integer", "format": "int64", "minimum": 0, "description": "grows with every change"},
+            "span": {"type": "integer", "format": "int64", "description": "the current person's control span"},
+            "may": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["take_over", "hand_back", "resume"],
+                "properties": {
+                    "take_over": {"type": "boolean"},
+                    "hand_back": {"type": "boolean", "description": "the holder, or an admin (who releases)"},
+                    "resume": {"type": "boolean", "description": "resume the paused agent (nobody drives)"},
+                },
+            },
+        },
+        "example": {
+            "state": "you",
+            "label": "You are driving",
+            "user": "alice",
+            "run": {"id": 3, "status": "paused"},
+            "since": "2025-05-01T09:32:10.500000+00:00",
+            "version": 4,
+            "span": 2,
+            "may": {"take_over": False, "hand_back": True, "resume": False},
+        },
     }
     event = {
         "type": "object",
@@ -308,6 +375,20 @@ def _components() -> dict[str, Any]:
                     "demo": {"type": "string", "description": "the name of a built-in demo step file (`demo/*.yaml`)"},
                 },
                 "example": {"demo": "quote"},
+            },
+            "ControlSummary": control_summary,
+            "Control": control,
+            "HandBack": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "note": {
+                        "type": "string",
+                        "maxLength": 4000,
+                        "description": "for the agent: added to its task, so its next model input has it",
+                    }
+                },
+                "example": {"note": "I logged in; go on from the quote form."},
             },
             "ResumeRun": {
                 "type": "object",
@@ -649,6 +730,71 @@ def _paths() -> dict[str, Any]:
                 ),
             },
         },
+        "/api/sandboxes/{id}/control": {
+            "description": "Other methods answer 405 (Allow: GET).",
+            "x-allow": ["GET"],
+            "parameters": [SANDBOX_ID],
+            "get": {
+                "operationId": "getControl",
+                "tags": ["control"],
+                "summary": "Who drives a sandbox",
+                "description": "The control lease: the agent run, a person, or nobody; and whether you may take "
+                "over, hand back or resume the agent.",
+                "security": READ_SECURITY,
+                "responses": _responses(
+                    ("200", {"description": "The lease.", "content": _json_content(_ref("schemas", "Control"))}),
+                    401,
+                    403,
+                    404,
+                ),
+            },
+        },
+        "/api/sandboxes/{id}/takeover": {
+            "description": "Other methods answer 405 (Allow: POST).",
+            "x-allow": ["POST"],
+            "parameters": [SANDBOX_ID],
+            "post": {
+                "operationId": "takeOver",
+                "tags": ["control"],
+                "summary": "Take over a sandbox",
+                "description": "Gives you the control lease, pauses the agent and waits for its pause (at most "
+                "NAMEK_TAKEOVER_PAUSE_TIMEOUT seconds; the log says if it did not confirm), then makes your screen "
+                "and terminal connections interactive; other connections' input is dropped and other CDP clients' "
+                "commands are held. 409 while someone else drives or the sandbox is not ready; 403 for viewers. "
+                "Taking over again while you drive changes nothing. No request body.",
+                "security": WRITE_SECURITY,
+                "responses": _responses(
+                    ("200", {"description": "You drive.", "content": _json_content(_ref("schemas", "Control"))}),
+                    400,
+                    401,
+                    403,
+                    404,
+                    409,
+                ),
+            },
+        },
+        "/api/sandboxes/{id}/handback": {
+            "description": "Other methods answer 405 (Allow: POST).",
+            "x-allow": ["POST"],
+            "parameters": [SANDBOX_ID],
+            "post": {
+                "operationId": "handBack",
+                "tags": ["control"],
+                "summary": "Hand control back",
+                "description": "Releases the lease: the agent run (if any) resumes with the note, else nobody "
+                "drives. Only the holder, or an admin (which releases it). 409 when nobody holds control.",
+                "security": WRITE_SECURITY,
+                "requestBody": {"required": False, "content": _json_content(_ref("schemas", "HandBack"))},
+                "responses": _responses(
+                    ("200", {"description": "Handed back.", "content": _json_content(_ref("schemas", "Control"))}),
+                    400,
+                    401,
+                    403,
+                    404,
+                    409,
+                ),
+            },
+        },
         "/api/runs/{id}": {
             "description": "Other methods answer 405 (Allow: GET).",
             "x-allow": ["GET"],
@@ -809,6 +955,7 @@ def document(request_or_base_url: HttpRequest | str) -> dict[str, Any]:
         "tags": [
             {"name": "sandboxes", "description": "Create, list, inspect and stop sandboxes."},
             {"name": "agents", "description": "Start agents on sandboxes, pause, resume and stop them."},
+            {"name": "control", "description": "Take over a sandbox from its agent and hand it back."},
             {"name": "events", "description": "Read a sandbox's event log, add notes to it, fetch its screenshots."},
             {"name": "documentation", "description": "This document, as JSON and as a page."},
             {"name": "probes", "description": "For load balancers and orchestrators."},

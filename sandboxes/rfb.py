@@ -104,6 +104,46 @@ async def probe(path: str, password: str, timeout: float = 3.0) -> ServerInit:
     return await asyncio.wait_for(run(), timeout)
 
 
+async def capture(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: str) -> tuple[int, int, bytes]:
+    """One full frame from a VNC server: (width, height, pixels as BGRX bytes).
+
+    A client of its own (shared, so nobody is disconnected) asks for 32-bit true colour
+    in the Raw encoding, the one encoding every server has, and one full update.
+    """
+    await authenticate(reader, writer, password)
+    writer.write(b"\x01")  # ClientInit, shared
+    init = await read_server_init(reader)
+    width, height = init.width, init.height
+    # SetPixelFormat: 32 bpp, depth 24, little-endian, true colour, 255 each, shifts 16/8/0
+    writer.write(struct.pack(">BxxxBBBBHHHBBBxxx", MSG_SET_PIXEL_FORMAT, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0))
+    writer.write(struct.pack(">BxHi", MSG_SET_ENCODINGS, 1, 0))  # Raw only
+    writer.write(struct.pack(">BBHHHH", MSG_FB_UPDATE_REQUEST, 0, 0, 0, width, height))
+    await writer.drain()
+    frame = bytearray(width * height * 4)
+    covered = 0
+    while covered < width * height:
+        (kind,) = await reader.readexactly(1)
+        if kind == 0:  # FramebufferUpdate
+            (count,) = struct.unpack(">xH", await reader.readexactly(3))
+            for _ in range(count):
+                x, y, w, h, encoding = struct.unpack(">HHHHi", await reader.readexactly(12))
+                if encoding != 0 or x + w > width or y + h > height:
+                    raise RFBError(f"unexpected rectangle (encoding {encoding}) in a Raw update")
+                pixels = await reader.readexactly(w * h * 4)
+                for row in range(h):
+                    start = ((y + row) * width + x) * 4
+                    frame[start : start + w * 4] = pixels[row * w * 4 : (row + 1) * w * 4]
+                covered += w * h
+        elif kind == 2:  # Bell
+            continue
+        elif kind == 3:  # ServerCutText
+            (length,) = struct.unpack(">xxxi", await reader.readexactly(7))
+            await reader.readexactly(abs(length))  # negative: the extended clipboard format
+        else:
+            raise RFBError(f"unexpected server message {kind} before the frame")
+    return width, height, bytes(frame)
+
+
 # --- the client-to-server message stream ------------------------------------------------
 
 MSG_SET_PIXEL_FORMAT = 0

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sandboxes import events
+from sandboxes import control, events
 from sandboxes.agents.steps import StepFileError, parse_step_file
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, RunnerSpec
@@ -145,6 +145,9 @@ def start_run(sandbox: Sandbox, user: Any, task: Any = None, script: Any = None,
             run = AgentRun.objects.create(
                 sandbox=sandbox, task=task, script=script, started_by=user, model_settings=model, token_digest=digest
             )
+            control.run_starting(sandbox.pk, run)
+    except control.ControlError as exc:
+        raise RunStateError(str(exc)) from None
     except IntegrityError:
         active = AgentRun.objects.filter(sandbox=sandbox, status__in=ACTIVE_RUN_STATUSES).first()
         raise RunStateError(f"the sandbox already has an active run (#{active.pk if active else '?'})") from None
@@ -229,7 +232,8 @@ def finish(
             data = {"run": run.pk, "error": run.error, "steps": run.steps, "seconds": seconds}
             new = events.NewEvent("agent.failed", f"Agent failed: {run.error or 'no reason given'}", data)
         events.append(sandbox, _as_agent(new, run))
-    _command(run_id, "ended")
+        control.run_ended(sandbox.pk, run.pk)
+    send_command(run_id, "ended")
     return run
 
 
@@ -252,7 +256,8 @@ def _as_agent(new: events.NewEvent, run: AgentRun) -> events.NewEvent:
 # --- commands -----------------------------------------------------------------------------
 
 
-def _command(run_id: int, command: str, note: str = "") -> None:
+def send_command(run_id: int, command: str, note: str = "") -> None:
+    """Send ``pause``, ``resume`` (with a note), ``stop`` or ``ended`` to the run's bridge."""
     layer = get_channel_layer()
     if layer is None:
         return
@@ -270,20 +275,29 @@ def _active(run: AgentRun) -> None:
 
 def pause(run: AgentRun) -> None:
     _active(run)
-    _command(run.pk, "pause")
+    send_command(run.pk, "pause")
 
 
-def resume(run: AgentRun, note: str = "") -> None:
+def resume(run: AgentRun, user: Any, note: str = "") -> None:
+    """Resume a paused run: it drives again (refused while a person drives)."""
     _active(run)
     if not isinstance(note, str) or len(note) > MAX_TASK:
         raise RunRequestError(f"note: a string of at most {MAX_TASK} characters")
-    _command(run.pk, "resume", note)
+    try:
+        control.resume_agent(run.sandbox_id, user, run.pk, note)
+    except control.ControlError as exc:
+        raise RunStateError(str(exc)) from None
+    send_command(run.pk, "resume", note)
+
+
+def status_of(run_id: int) -> str | None:
+    return AgentRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
 
 
 def stop(run: AgentRun, who: str) -> AgentRun:
     """Ask the agent to stop, make sure its runner ends, and end the run."""
     _active(run)
-    _command(run.pk, "stop")
+    send_command(run.pk, "stop")
     try:
         get_backend(run.sandbox.backend).stop_runner(run.pk, settings.NAMEK_RUN_STOP_GRACE)
     except BackendError as exc:
@@ -298,5 +312,5 @@ def end_runs_of(sandbox_id: int, reason: str) -> None:
     for run_id in AgentRun.objects.filter(sandbox_id=sandbox_id, status__in=ACTIVE_RUN_STATUSES).values_list(
         "pk", flat=True
     ):
-        _command(run_id, "stop")
+        send_command(run_id, "stop")
         finish(run_id, RunStatus.FAILED, error=reason)

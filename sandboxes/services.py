@@ -11,16 +11,17 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import signing
+from django.core.exceptions import ObjectDoesNotExist
 from django.db import transaction
 from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
 
 from namek_web.env import parse_screen_size
-from sandboxes import events, runs
+from sandboxes import control, events, runs
 from sandboxes.backends import get_backend
 from sandboxes.backends.base import BackendError, SandboxSpec
-from sandboxes.models import LIVE_PHASES, Phase, Sandbox
+from sandboxes.models import LIVE_PHASES, ControlLease, Phase, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,15 @@ def sandbox_json(sandbox: Sandbox) -> dict[str, Any]:
         "last_event_seq": sandbox.event_seq,
         "url": reverse("sandbox", args=[sandbox.pk]),
         "screen_ws": f"/ws/sandboxes/{sandbox.pk}/screen/",
+        "control": control.summary(_lease(sandbox)),
     }
+
+
+def _lease(sandbox: Sandbox) -> ControlLease | None:
+    try:
+        return sandbox.lease
+    except ObjectDoesNotExist:  # a sandbox made before leases, or in a test
+        return None
 
 
 def broadcast(sandbox: Sandbox) -> None:
@@ -123,6 +132,7 @@ def create_sandbox(owner: Any, name: Any = None, screen: Any = None) -> Sandbox:
         get_user_model().objects.select_for_update().filter(pk=owner.pk).first()
         check_limits(owner)
         sandbox = Sandbox.objects.create(owner=owner, name=name or "sandbox", backend=backend.name, screen=screen)
+        ControlLease.objects.create(sandbox=sandbox)
         if not name:
             sandbox.name = f"sandbox-{sandbox.pk}"
             sandbox.save(update_fields=["name"])
@@ -259,6 +269,7 @@ def record_phase(
     if changed:
         broadcast(sandbox)
         if sandbox.phase in (Phase.STOPPING, Phase.STOPPED, Phase.FAILED):
+            control.sandbox_ending(sandbox.pk)
             runs.end_runs_of(sandbox.pk, f"the sandbox is {sandbox.phase}" + (f": {reason}" if reason else ""))
     return changed
 

@@ -178,7 +178,7 @@ async def test_a_run_from_start_to_done_is_in_the_log(make_sandbox) -> None:
     assert (await comm.receive_json_from(timeout=5)) == {"type": "pause", "id": 1}
     await comm.send_json_to({"type": "ack", "id": 1, "command": "pause"})
     await comm.send_json_to({"type": "status", "status": "paused"})
-    await database_sync_to_async(runs.resume)(run, "use the blue one")
+    await database_sync_to_async(runs.resume)(run, run.started_by, "use the blue one")
     assert (await comm.receive_json_from(timeout=5)) == {"type": "resume", "id": 2, "note": "use the blue one"}
     await comm.send_json_to({"type": "status", "status": "running"})
     await comm.send_json_to({"type": "status", "status": "done", "result": "Quote requested"})

@@ -9,6 +9,7 @@ from channels.db import database_sync_to_async
 from django.contrib.auth.models import AnonymousUser
 
 from sandboxes import runs
+from sandboxes.access import load_role
 from sandboxes.auth import bearer_token, user_for_token
 from sandboxes.models import AgentRun
 
@@ -41,6 +42,9 @@ class TokenAuthMiddleware:
         else:
             user = scope.get("user")
             scope["auth_method"] = "session" if user is not None and user.is_authenticated else None
+        if scope.get("auth_method") in ("token", "session"):
+            # Consumers check rights on the event loop, where no query may run.
+            await database_sync_to_async(load_role)(scope["user"])
         return await self.inner(scope, receive, send)
 
 

@@ -6,7 +6,11 @@ JSON message per text frame, as Chromium's ``/devtools/browser/<uuid>`` speaks i
 sessions included). A client message must be a JSON object with an integer ``id`` and a
 string ``method``; anything else (binary frames, malformed JSON, other shapes) closes the
 socket with 4400 and never reaches Chromium. Nothing else is filtered: for those allowed
-it is full control of the browser.
+it is full control of the browser — except while a person holds the sandbox's control
+lease: then the commands of every other connection (the agent's included) are held, in
+order, and forwarded when control is handed back (``hold``/``release``; only
+``PASS_WHILE_HELD`` goes through; more than ``MAX_HELD`` bytes held closes with 4429).
+Responses and events from Chromium keep flowing.
 
 Upstream: ``GET /json/version`` over the sandbox's DevTools socket gives the path of the
 browser endpoint, then a websocket (``websockets``) opens on that path over the same
@@ -48,6 +52,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,6 +87,23 @@ CONNECT_TIMEOUT = 5.0
 UPSTREAM_CLOSE_TIMEOUT = 2.0
 #: CDP's "server error" code, which Chromium uses for failed commands
 CDP_SERVER_ERROR = -32000
+#: commands that pass while the connection is held (a person drives): they cannot change
+#: what a page shows or does, and a new tab would otherwise wait for its debugger
+PASS_WHILE_HELD = frozenset(
+    {
+        "Browser.getVersion",
+        "Target.getTargets",
+        "Target.getTargetInfo",
+        "Target.setDiscoverTargets",
+        "Target.setAutoAttach",
+        "Target.attachToTarget",
+        "Target.attachToBrowserTarget",
+        "Target.detachFromTarget",
+        "Runtime.runIfWaitingForDebugger",
+    }
+)
+#: bytes of commands held at most; more closes the connection with 4429
+MAX_HELD = 4 * 1024 * 1024
 
 SendText = Callable[[str], Awaitable[None]]
 SendBytes = Callable[[bytes], Awaitable[None]]
@@ -93,8 +115,9 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def check_command(text: str) -> None:
-    """Raise RelayClosed unless ``text`` is a CDP command: {"id": int, "method": str, ...}."""
+def check_command(text: str) -> str:
+    """The method of ``text`` if it is a CDP command ({"id": int, "method": str, ...});
+    else raise RelayClosed."""
     # A character is at most 4 UTF-8 bytes: only long texts need counting.
     if len(text) > MAX_CLIENT_MESSAGE // 4 and utf8_size(text) > MAX_CLIENT_MESSAGE:
         raise RelayClosed(Close.TOO_BIG, f"commands of at most {MAX_CLIENT_MESSAGE} bytes")
@@ -109,6 +132,7 @@ def check_command(text: str) -> None:
     command_id, method = message.get("id"), message.get("method")
     if not is_int(command_id) or not isinstance(method, str):
         raise RelayClosed(Close.BAD_MESSAGE, 'expected a CDP command {"id": int, "method": str}')
+    return method
 
 
 async def browser_path(endpoint: Endpoint) -> str:
@@ -168,6 +192,10 @@ class CdpRelay:
         self.messages = self.messages_bytes = 0
         self.oversize_responses = self.dropped_events = 0
         self.stalls = 0
+        self.held_total = 0
+        #: commands held while a person drives (None: forwarding)
+        self._held: deque[str] | None = None
+        self._held_bytes = 0
         self._upstream: ClientConnection | None = None
         self._pump: asyncio.Task[None] | None = None
 
@@ -215,11 +243,36 @@ class CdpRelay:
 
     # --- client -> Chromium -----------------------------------------------------------
 
+    def hold(self) -> None:
+        """Keep the client's commands (but ``PASS_WHILE_HELD``) until ``release``."""
+        if self._held is None:
+            self._held, self._held_bytes = deque(), 0
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    async def release(self) -> None:
+        """Forward the held commands, in order, and forward again."""
+        held, self._held = self._held, None
+        while held:
+            await self._forward(held.popleft())
+
     async def from_client(self, text: str | None, data: bytes | None) -> None:
-        """Forward one client message. Raises RelayClosed."""
+        """Forward one client message (or hold it). Raises RelayClosed."""
         if text is None:
             raise RelayClosed(Close.BAD_MESSAGE, "binary frames are not CDP")
-        check_command(text)
+        method = check_command(text)
+        if self._held is not None and method not in PASS_WHILE_HELD:
+            self._held_bytes += len(text)
+            if self._held_bytes > MAX_HELD:
+                raise RelayClosed(Close.RATE_LIMITED, f"over {MAX_HELD} bytes of commands held while a person drives")
+            self._held.append(text)
+            self.held_total += 1
+            return
+        await self._forward(text)
+
+    async def _forward(self, text: str) -> None:
         if self._upstream is None:
             return
         try:
@@ -316,6 +369,8 @@ class CdpRelay:
         )
         if self.stalls:
             text += f", waited for the client {self.stalls} times"
+        if self.held_total:
+            text += f", {self.held_total} commands held while a person drove"
         if self.oversize_responses or self.dropped_events:
             text += f", {self.oversize_responses} oversize responses, {self.dropped_events} oversize events dropped"
         return text

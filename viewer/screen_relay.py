@@ -87,14 +87,17 @@ class ScreenRelay:
         *,
         window: int,
         stall_seconds: float,
+        on_input: Callable[[int], None] | None = None,
     ) -> None:
         self.target = target
+        #: told the type of every input message forwarded
+        self.on_input = on_input
         self.send_bytes = send_bytes
         self.close_with = close_with
         self.window = window
         self.stall_seconds = stall_seconds
-        #: whether this connection's input reaches the screen (the takeover issue narrows it)
-        self.may_input = True
+        #: whether this connection's input reaches the screen: its user holds control
+        self.may_input = False
         self.sent = 0
         self.acked = 0
         self.dropped_inputs = 0
@@ -176,9 +179,12 @@ class ScreenRelay:
             raise RelayClosed(Close.BAD_MESSAGE, str(exc)) from None
         assert self._writer
         for message in messages:
-            if message.type in rfb.INPUT_MESSAGES and not self.may_input:
-                self.dropped_inputs += 1
-                continue
+            if message.type in rfb.INPUT_MESSAGES:
+                if not self.may_input:
+                    self.dropped_inputs += 1
+                    continue
+                if self.on_input is not None:
+                    self.on_input(message.type)
             self._writer.write(message.data)
         with contextlib.suppress(ConnectionError):
             await self._writer.drain()

@@ -31,7 +31,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
-    sandbox = Sandbox.objects.select_related("owner").filter(pk=sandbox_id).first()
+    sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=sandbox_id).first()
     if sandbox is None:
         raise Http404("no such sandbox")
     if not can_view(request.user, sandbox):

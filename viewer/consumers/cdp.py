@@ -12,6 +12,9 @@ Checks, in order, after accepting:
 4. the user may *use* it (``can_use``: CDP is full control, seeing is not enough) or
    ``run_may_drive()`` admits the run, else 4403;
 5. the sandbox is ready and its DevTools answer, else 1011 with the reason.
+
+While a person holds the sandbox's control lease, the commands of every connection but
+theirs are held (``CdpRelay.hold``) and forwarded on hand-back.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sandboxes.models import Sandbox
 from viewer.cdp_relay import CdpRelay, Unflushed
 from viewer.closecodes import Close, reason
 from viewer.consumers.base import NamekConsumer, origin_allowed
+from viewer.consumers.control import ControlFollower
 from viewer.screen_relay import RelayClosed
 
 log = logging.getLogger(__name__)
@@ -69,7 +73,7 @@ def _daphne_transport(send: Any) -> Any:
     return None
 
 
-class CdpConsumer(NamekConsumer):
+class CdpConsumer(ControlFollower, NamekConsumer):
     frames_skip_database = True
     relay: CdpRelay | None = None
     #: whether this connection counts as a viewer (for the idle timeout)
@@ -143,6 +147,7 @@ class CdpConsumer(NamekConsumer):
             unflushed=unflushed,
             stall_seconds=settings.NAMEK_RELAY_STALL_SECONDS,
         )
+        await self.follow_control()
         # Counted before the relay starts: if counting fails, no upstream is left behind
         # (an exception here ends the consumer without a disconnect).
         await database_sync_to_async(services.viewer_joined)(self.sandbox.pk)
@@ -155,6 +160,18 @@ class CdpConsumer(NamekConsumer):
             await self.close_with(closed.code, closed.detail)
             return
         log.info("sandbox %s: CDP opened by %s", self.sandbox.pk, self.who())
+
+    async def lease_applied(self) -> None:
+        """While a person drives, every other connection's commands wait."""
+        if self.relay is None:
+            return
+        if self.person_drives and not self.drives:
+            self.relay.hold()
+        elif self.relay.holding:
+            try:
+                await self.relay.release()
+            except RelayClosed as closed:
+                await self.close_with(closed.code, closed.detail)
 
     async def send_text(self, text: str) -> None:
         if not self.closing:
@@ -184,6 +201,7 @@ class CdpConsumer(NamekConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
+        await self.stop_following()
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.stop()

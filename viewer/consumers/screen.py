@@ -1,16 +1,29 @@
-"""``/ws/sandboxes/<id>/screen/``: translates frames; the relay owns the upstream."""
+"""``/ws/sandboxes/<id>/screen/``: translates frames; the relay owns the upstream.
+
+Every viewer gets the frames; input (``rfb.INPUT_MESSAGES``) reaches the screen only from
+the connections of the person holding the control lease (``ControlFollower.drives``),
+switched as the lease changes, without reconnecting."""
 
 from __future__ import annotations
 
 from channels.db import database_sync_to_async
 from django.conf import settings
 
-from sandboxes import services
+from sandboxes import rfb, services
 from viewer.consumers.base import NamekConsumer
+from viewer.consumers.control import ControlFollower
 from viewer.screen_relay import RelayClosed, ScreenRelay
 
+#: how the holder's input is counted in the span
+INPUT_KIND = {
+    rfb.MSG_KEY_EVENT: "keys",
+    rfb.MSG_QEMU: "keys",
+    rfb.MSG_POINTER_EVENT: "pointer",
+    rfb.MSG_CLIENT_CUT_TEXT: "clipboard",
+}
 
-class ScreenConsumer(NamekConsumer):
+
+class ScreenConsumer(ControlFollower, NamekConsumer):
     subprotocols = ("binary",)
     frames_skip_database = True
     relay: ScreenRelay | None = None
@@ -28,7 +41,9 @@ class ScreenConsumer(NamekConsumer):
             self.close_with,
             window=settings.NAMEK_RELAY_WINDOW,
             stall_seconds=settings.NAMEK_RELAY_STALL_SECONDS,
+            on_input=self.forwarded,
         )
+        await self.follow_control()
         try:
             await self.relay.start()
         except RelayClosed as closed:
@@ -36,6 +51,15 @@ class ScreenConsumer(NamekConsumer):
             return
         await database_sync_to_async(services.viewer_joined)(self.sandbox.pk)
         self.counted = True
+
+    async def lease_applied(self) -> None:
+        if self.relay is not None:
+            self.relay.may_input = self.drives
+
+    def forwarded(self, message_type: int) -> None:
+        kind = INPUT_KIND.get(message_type)
+        if kind:
+            self.count(kind)
 
     async def send_binary(self, data: bytes) -> None:
         if not self.closing:
@@ -56,6 +80,7 @@ class ScreenConsumer(NamekConsumer):
         self.closing = True
         if self.relay:
             await self.relay.stop()
+        await self.stop_following()
         if self.counted and self.sandbox is not None:
             self.counted = False
             await database_sync_to_async(services.viewer_left)(self.sandbox.pk)

@@ -5,7 +5,7 @@ The wire protocol is terminado's: text frames, each a JSON array ``[kind, ...]``
 
 Browser to server:
 
-- ``["stdin", text]``: keystrokes (ignored from a read-only viewer);
+- ``["stdin", text]``: keystrokes (ignored unless this viewer holds the control lease);
 - ``["set_size", rows, cols]``: integers from 1 to 1000;
 - ``["ack", n]``: the viewer has received ``n`` ``stdout`` messages in all. Namek's
   addition: output pauses while ``window`` messages are unacknowledged, so that a slow
@@ -13,7 +13,9 @@ Browser to server:
 
 Server to browser:
 
-- ``["setup", {"readonly": bool, "sandbox": id, "window": n}]`` once, first;
+- ``["setup", {"readonly": bool, "sandbox": id, "window": n}]`` first, and again
+  whenever the viewer gains or loses control (its tmux client is re-attached in the
+  other mode; output counts go on);
 - ``["stdout", text]``;
 - ``["disconnect", code]`` just before the server closes with that code.
 
@@ -25,6 +27,7 @@ cannot be attached, closes with 1011 (the page retries).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,10 +36,9 @@ from typing import Any
 from channels.db import database_sync_to_async
 
 from sandboxes import events
-from sandboxes.access import can_use
-from sandboxes.models import Sandbox
 from viewer.closecodes import Close
 from viewer.consumers.base import NamekConsumer
+from viewer.consumers.control import ControlFollower
 from viewer.frames import is_int
 from viewer.terminal import WINDOW, Terminal, TerminalError, TooMuchInput
 
@@ -45,35 +47,59 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 64 * 1024
 
 
-class TerminalConsumer(NamekConsumer):
+class TerminalConsumer(ControlFollower, NamekConsumer):
     frames_skip_database = True
     terminal: Terminal | None = None
     readonly = True
     attached_at = 0.0
-
-    @staticmethod
-    def may_type(user: Any, sandbox: Sandbox) -> bool:
-        """Whether this viewer's keystrokes reach the shell (the takeover issue narrows it)."""
-        return can_use(user, sandbox)
+    #: serialises re-attaching as control changes
+    _switching: asyncio.Lock | None = None
 
     async def opened(self) -> None:
         assert self.sandbox is not None
-        self.readonly = not await database_sync_to_async(self.may_type)(self.scope["user"], self.sandbox)
+        self._switching = asyncio.Lock()
+        await self.follow_control()
+        async with self._switching:
+            self.readonly = not self.drives
+            terminal = await self.attach()
+            if terminal is None:
+                return
+            self.terminal = terminal
+        self.attached_at = time.monotonic()
+        await self.lease_applied()  # control may have changed while attaching
+        await self.record("terminal.opened", "Terminal opened" + (" (read-only)" if self.readonly else ""))
+
+    async def attach(self, previous: Terminal | None = None) -> Terminal | None:
+        """Start a tmux client in this viewer's mode (after ``setup``); None if closed."""
+        assert self.sandbox is not None
         argv = await self.ask_backend("open_shell", readonly=self.readonly)
         if argv is None:
-            return
+            return None
+        rows, cols = (previous.rows, previous.cols) if previous else (24, 80)
+        terminal = Terminal(argv, self.send_stdout, self.shell_ended, rows=rows, cols=cols)
+        if previous is not None:
+            terminal.sent, terminal.acked = previous.sent, previous.acked
         # setup goes first: once started, the terminal sends output whenever it has some.
         await self.send_message(["setup", {"readonly": self.readonly, "sandbox": self.sandbox.pk, "window": WINDOW}])
-        terminal = Terminal(argv, self.send_stdout, self.shell_ended)
         try:
             terminal.start()
         except OSError as exc:
             log.warning("sandbox %s: cannot attach a terminal: %s", self.sandbox.pk, exc)
             await self.close_with(Close.UNREACHABLE, "the shell cannot be attached")
+            return None
+        return terminal
+
+    async def lease_applied(self) -> None:
+        """Gained or lost control: re-attach in the other mode, on the same socket."""
+        if self._switching is None or self.terminal is None or self.readonly != self.drives:
             return
-        self.terminal = terminal
-        self.attached_at = time.monotonic()
-        await self.record("terminal.opened", "Terminal opened" + (" (read-only)" if self.readonly else ""))
+        async with self._switching:
+            if self.closing or self.terminal is None or self.readonly != self.drives:
+                return
+            previous = self.terminal
+            self.readonly = not self.drives
+            await previous.close()
+            self.terminal = await self.attach(previous)
 
     async def record(self, kind: str, text: str, **data: Any) -> None:
         assert self.sandbox is not None
@@ -108,8 +134,9 @@ class TerminalConsumer(NamekConsumer):
             raise ValueError("expected a JSON array [kind, ...]")
         kind, args = message[0], message[1:]
         if kind == "stdin" and len(args) == 1 and isinstance(args[0], str):
-            if not self.readonly:
+            if not self.readonly and self.drives:
                 self.terminal.write(args[0])
+                self.count("terminal")
         elif kind == "set_size" and len(args) == 2 and all(is_int(a) for a in args):
             self.terminal.resize(args[0], args[1])
         elif kind == "ack" and len(args) == 1 and is_int(args[0]):
@@ -138,6 +165,7 @@ class TerminalConsumer(NamekConsumer):
 
     async def disconnect(self, code: int) -> None:
         self.closing = True
+        await self.stop_following()
         if self.terminal is not None:
             await self.terminal.close()
             seconds = round(time.monotonic() - self.attached_at, 1)
