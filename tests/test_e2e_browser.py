@@ -149,6 +149,8 @@ async def test_the_three_panes_are_live_on_one_page(
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}"))
     await log_in(page, live_namek.base_url)
+    # Typing reaches the shell only from whoever holds control (test_e2e_control.py).
+    assert live_namek.api("POST", f"/api/sandboxes/{sandbox['id']}/takeover")[0] == 200
     await page.goto(f"{live_namek.base_url}/sandboxes/{sandbox['id']}/")
 
     # The screen and the terminal are live, and typing in the terminal runs in the shell.

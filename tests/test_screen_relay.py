@@ -654,8 +654,9 @@ async def test_bad_input_closes_with_a_clear_code_and_the_screen_keeps_working(
 # --- 6. input reaches the sandbox's browser ---------------------------------------------------
 
 
-def cdp_page_id(socket_path: str) -> str:
-    """The start page's DevTools target, from ``GET /json/list`` over the UNIX socket."""
+def cdp_page_id(socket_path: str, url_part: str = "/sandboxes/start/") -> str:
+    """The DevTools target of the page whose URL has ``url_part`` (the start page), from
+    ``GET /json/list`` over the UNIX socket."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(socket_path)
@@ -672,7 +673,7 @@ def cdp_page_id(socket_path: str) -> str:
             chunk = sock.recv(65536)
             assert chunk, "DevTools closed the connection"
             body += chunk
-    pages = [t for t in json.loads(body) if t["type"] == "page" and "/sandboxes/start/" in t["url"]]
+    pages = [t for t in json.loads(body) if t["type"] == "page" and url_part in t["url"]]
     assert pages, body
     return str(pages[0]["id"])
 
@@ -719,6 +720,9 @@ async def test_pointer_and_key_events_through_the_relay_reach_the_sandbox_browse
         assert await cdp.evaluate(RECORD_INPUT) == "recording"
         chrome_height = await cdp.evaluate("outerHeight - innerHeight")
         x, y = WIDTH // 2, (HEIGHT + chrome_height) // 2  # the middle of the page area
+        # Input reaches the screen only from whoever holds control (test_control_live.py).
+        takeover = f"/api/sandboxes/{screen_sandbox['id']}/takeover"
+        assert (await asyncio.to_thread(live_namek.api, "POST", takeover))[0] == 200
         async with open_relay(live_namek, screen_sandbox["id"]) as ws:
             client = RelayClient(ws)
             await client.handshake()
@@ -733,6 +737,8 @@ async def test_pointer_and_key_events_through_the_relay_reach_the_sandbox_browse
             while time.monotonic() < deadline and not (clicks and keys):
                 clicks, keys = await cdp.evaluate("[__clicks, __keys]")
                 await asyncio.sleep(0.1)
+    handback = f"/api/sandboxes/{screen_sandbox['id']}/handback"
+    assert (await asyncio.to_thread(live_namek.api, "POST", handback))[0] == 200
     assert clicks, "no mousedown reached the page"
     screen_x, screen_y, button = clicks[0]
     assert button == 0

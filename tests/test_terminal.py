@@ -8,8 +8,10 @@ import contextlib
 import json
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -29,6 +31,9 @@ pytestmark = pytest.mark.processes
 def shell_box(live_namek: LiveNamek) -> Iterator[dict[str, Any]]:
     """One sandbox for the module: every test leaves the shell usable for the next."""
     with ready_sandbox(live_namek, name="terminal") as created:
+        # The owner drives for the whole module: keystrokes reach the shell only from the
+        # holder of the control lease (test_control_live.py checks the others are ignored).
+        assert live_namek.api("POST", f"/api/sandboxes/{created['id']}/takeover")[0] == 200
         yield created
 
 
@@ -399,11 +404,18 @@ async def test_a_viewer_who_may_not_type_has_its_keystrokes_dropped() -> None:
     terminal.start()
     consumer = TerminalConsumer()
     consumer.terminal, consumer.readonly = terminal, True
+    consumer.scope = {"user": SimpleNamespace(pk=5, is_authenticated=True)}
+    consumer.inputs = Counter()
+    granted = {"sandbox": 1, "version": 3, "holder": "person", "user_id": 5, "granted": True, "span": 1, "run": None}
     try:
-        consumer.handle(["stdin", "dropped\r"])
+        consumer.handle(["stdin", "dropped\r"])  # read-only, and nobody holds control
+        consumer.readonly = False
+        consumer.handle(["stdin", "dropped too\r"])  # another user holds it
+        consumer.lease = {**granted, "user_id": 6}
+        consumer.handle(["stdin", "dropped as well\r"])
         await asyncio.sleep(0.5)
         assert "dropped" not in "".join(output)
-        consumer.readonly = False
+        consumer.lease = granted
         consumer.handle(["stdin", "passed\r"])
         deadline = time.monotonic() + 5
         while "passed" not in "".join(output):
@@ -466,6 +478,7 @@ def test_a_sandbox_claimed_from_the_warm_pool_has_its_shell(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "no warm sandbox became ready"
             time.sleep(0.2)
         created = namek.create_sandbox(name="claimed")
+        assert namek.api("POST", f"/api/sandboxes/{created['id']}/takeover")[0] == 200
 
         async def echo() -> None:
             viewer = await open_viewer(namek, created["id"])

@@ -8,8 +8,8 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.clickjacking import xframe_options_deny
 
-from sandboxes import runs, services
-from sandboxes.access import can_view, visible_sandboxes
+from sandboxes import control, runs, services
+from sandboxes.access import can_create, can_use, can_view, visible_sandboxes
 from sandboxes.models import ACTIVE_RUN_STATUSES, Phase, Sandbox
 
 #: the demo the dashboard's "Run demo" starts
@@ -24,6 +24,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "namek/dashboard.html",
         {
             "sandboxes": [services.sandbox_json(s) for s in sandboxes],
+            "may_create": can_create(request.user),
             "demo": DASHBOARD_DEMO if DASHBOARD_DEMO in runs.demos() else next(iter(runs.demos()), ""),
         },
     )
@@ -37,8 +38,11 @@ def sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
     if not can_view(request.user, sandbox):
         return render(request, "namek/forbidden.html", status=403)
     active = sandbox.runs.filter(status__in=ACTIVE_RUN_STATUSES).select_related("started_by").first()
+    control.expire_lapsed()
     context = {
         "sandbox": services.sandbox_json(sandbox),
+        "control": control.state_json(control.lease_of(sandbox.pk), request.user),
+        "may_use": can_use(request.user, sandbox),
         "active_run": runs.run_json(active) if active else None,
         "demos": list(runs.demos()),
         "llm_configured": settings.NAMEK_LLM_CONFIGURED,
