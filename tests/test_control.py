@@ -258,3 +258,19 @@ def test_only_a_granted_lease_makes_its_holder_drive() -> None:
 def test_the_screenshot_of_a_screen_that_does_not_answer_is_none(make_sandbox) -> None:
     box = make_sandbox("owner")  # no supervisor runs here
     assert asyncio.run(control.screenshot(box.pk)) is None
+
+
+def test_namek_role_sets_and_clears_a_role(cast: dict, make_sandbox) -> None:
+    from django.core.management import CommandError, call_command
+
+    theirs = make_sandbox("staff")
+    call_command("namek_role", "outsider", "viewer")
+    assert access.can_view(user(cast, "outsider"), theirs) and not access.can_use(user(cast, "outsider"), theirs)
+    call_command("namek_role", "outsider", "operator")
+    assert access.can_use(user(cast, "outsider"), theirs)
+    call_command("namek_role", "outsider", "none")
+    assert not access.can_view(user(cast, "outsider"), theirs)
+    with pytest.raises(CommandError, match="no user named 'nobody'"):
+        call_command("namek_role", "nobody", "viewer")
+    with pytest.raises(CommandError, match="invalid choice"):
+        call_command("namek_role", "outsider", "king")
