@@ -166,8 +166,6 @@ def _changed(lease: ControlLease) -> None:
 
 def _publish(lease: ControlLease) -> None:
     """Tell every web process (connections) and the dashboards, after the commit."""
-    from sandboxes import services  # services imports runs, which imports this module
-
     message = {"type": "control.changed", "lease": wire(lease)}
     layer = get_channel_layer()
     if layer is not None:
@@ -175,7 +173,14 @@ def _publish(lease: ControlLease) -> None:
             async_to_sync(layer.group_send)(group_name(lease.sandbox_id), message)
         except Exception:  # connections re-read the lease when they open; the log has it
             log.exception("publishing the lease of sandbox %s failed", lease.sandbox_id)
-    sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=lease.sandbox_id).first()
+    announce(lease.sandbox_id)
+
+
+def announce(sandbox_id: int) -> None:
+    """Send the sandbox, with who drives it, to the dashboards (its agent paused...)."""
+    from sandboxes import services  # services imports runs, which imports this module
+
+    sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=sandbox_id).first()
     if sandbox is not None:
         services.broadcast(sandbox)
 

@@ -186,6 +186,7 @@ def report_status(run_id: int, status: str, result: str = "", error: str = "", n
             new = events.NewEvent("agent.paused", "Agent paused at a step boundary", {"run": run.pk})
         run.save(update_fields=["status", "started_at"])
         events.append(sandbox, _as_agent(new, run))
+        transaction.on_commit(lambda: control.announce(sandbox.pk))  # "Paused" on the dashboard
     return run
 
 

@@ -429,6 +429,9 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         print(f"starting Namek in {base} ...", file=sys.stderr, flush=True)
         namek.start()
         sandbox_id = int(namek.create_sandbox(name="terminal-bench")["id"])
+        # Keystrokes reach the shell only from the person holding control.
+        status, body = namek.api("POST", f"/api/sandboxes/{sandbox_id}/takeover")
+        assert status == 200, body
         shell_argv = LocalBackend(str(namek.data_dir / "supervisor.sock")).open_shell(sandbox_id, readonly=False)
         samples = asyncio.run(measure_rounds(namek, sandbox_id, shell_argv, base, args, on_pty=ptys.append))
         load_after = os.getloadavg()[0]
