@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -65,7 +65,7 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
                 return refused
             try:
                 return view(request, *args, **kwargs)
-            except services.SandboxRequestError as exc:
+            except (services.SandboxRequestError, BadBody) as exc:
                 return json_error(400, str(exc))
             except (services.SandboxStateError, runs.RunStateError) as exc:
                 return json_error(409, str(exc))
@@ -83,17 +83,25 @@ def api_view(methods: tuple[str, ...]) -> Callable[[View], View]:
     return decorate
 
 
-def _json_body(request: HttpRequest, limit: int = MAX_BODY) -> dict[str, Any]:
+class BadBody(ValueError):
+    """A request body that is not a JSON object of the allowed fields (a 400)."""
+
+
+def _json_body(request: HttpRequest, allowed: Collection[str], limit: int = MAX_BODY) -> dict[str, Any]:
+    """The body as a JSON object (empty: {}) with no field outside ``allowed``."""
     if len(request.body) > limit:
-        raise ValueError(f"body larger than {limit} bytes")
+        raise BadBody(f"body larger than {limit} bytes")
     if not request.body.strip():
         return {}
     try:
         body = json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
+        raise BadBody(f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise ValueError("expected a JSON object")
+        raise BadBody("expected a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise BadBody(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed)) or 'none'}")
     return body
 
 
@@ -116,13 +124,7 @@ def sandboxes(request: HttpRequest) -> HttpResponse:
         return JsonResponse({"sandboxes": [services.sandbox_json(s) for s in found]})
     if not can_create(request.user):
         return json_error(403, "viewers may not create sandboxes")
-    try:
-        body = _json_body(request)
-    except ValueError as exc:
-        return json_error(400, str(exc))
-    unknown = sorted(set(body) - CREATE_FIELDS)
-    if unknown:
-        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(CREATE_FIELDS))}")
+    body = _json_body(request, CREATE_FIELDS)
     sandbox = services.create_sandbox(request.user, body.get("name"), body.get("screen"))
     return JsonResponse(services.sandbox_json(sandbox), status=201)
 
@@ -176,10 +178,7 @@ def _list_events(request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
 
 
 def _add_note(request: HttpRequest, sandbox: Sandbox) -> HttpResponse:
-    body = _json_body(request)
-    unknown = sorted(set(body) - NOTE_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(NOTE_FIELDS))}")
+    body = _json_body(request, NOTE_FIELDS)
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("text: a non-empty string is required")
@@ -220,13 +219,7 @@ def sandbox_runs(request: HttpRequest, sandbox_id: int) -> HttpResponse:
         return JsonResponse({"runs": [runs.run_json(r) for r in found.runs.select_related("started_by")[:100]]})
     if not can_use(request.user, found):
         return json_error(403, "not allowed")
-    try:
-        body = _json_body(request, runs.MAX_SCRIPT + MAX_BODY)
-    except ValueError as exc:
-        return json_error(400, str(exc))
-    unknown = sorted(set(body) - RUN_FIELDS)
-    if unknown:
-        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(RUN_FIELDS))}")
+    body = _json_body(request, RUN_FIELDS, runs.MAX_SCRIPT + MAX_BODY)
     run = runs.start_run(found, request.user, body.get("task"), body.get("script"), body.get("demo"))
     return JsonResponse(runs.run_json(run), status=201)
 
@@ -254,14 +247,7 @@ def run_command(request: HttpRequest, run_id: int, command: str) -> HttpResponse
     found = _find_run(request, run_id)
     if isinstance(found, HttpResponse):
         return found
-    try:
-        body = _json_body(request)
-    except ValueError as exc:
-        return json_error(400, str(exc))
-    allowed = {"note"} if command == "resume" else set()
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        return json_error(400, f"unknown fields: {', '.join(unknown)}")
+    body = _json_body(request, {"note"} if command == "resume" else ())
     if command == "stop":
         found = runs.stop(found, request.user.get_username())
     elif command == "pause":
@@ -288,11 +274,9 @@ def _takeover_request(request: HttpRequest, sandbox_id: int) -> HttpResponse | S
     if refused is not None:
         return refused
     try:
-        body = _json_body(request)
-    except ValueError as exc:
+        _json_body(request, ())
+    except BadBody as exc:
         return json_error(400, str(exc))
-    if body:
-        return json_error(400, f"unknown fields: {', '.join(sorted(body))}; take over takes none")
     return _find(request, sandbox_id)
 
 
@@ -316,13 +300,7 @@ def handback(request: HttpRequest, sandbox_id: int) -> HttpResponse:
     found = _find(request, sandbox_id)
     if isinstance(found, HttpResponse):
         return found
-    try:
-        body = _json_body(request)
-    except ValueError as exc:
-        return json_error(400, str(exc))
-    unknown = sorted(set(body) - {"note"})
-    if unknown:
-        return json_error(400, f"unknown fields: {', '.join(unknown)}; allowed: note")
+    body = _json_body(request, {"note"})
     lease = control.lease_of(found.pk)
     if lease.holder != "person":
         return json_error(409, "nobody holds control")

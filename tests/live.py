@@ -241,3 +241,67 @@ def ready_sandbox(namek: LiveNamek, who: str = "owner", **body: Any) -> Iterator
         yield created
     finally:
         namek.delete_sandbox(created["id"], who=who)
+
+
+class RedisServer:
+    """Debian's redis-server on a free port of 127.0.0.1, no persistence, in its own
+    session (so that a Ctrl-C to a terminal leaves it to ``stop()``, after Namek)."""
+
+    def __init__(self, base: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.password = password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
+        self.dir = base / "redis"
+        self.dir.mkdir(exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self) -> RedisServer:
+        self._log = open(self.dir / "redis.log", "ab")
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            command, cwd=self.dir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
+            if self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis-server did not answer within 10 s")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@contextlib.contextmanager
+def redis_server(base: Path, password: str | None = None) -> Iterator[RedisServer]:
+    """A RedisServer, stopped however the block ends."""
+    server = RedisServer(base, password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

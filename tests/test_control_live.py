@@ -31,7 +31,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
 from sandboxes import rfb
-from tests.live import LiveNamek, free_port, ready_sandbox
+from tests.live import LiveNamek, free_port, ready_sandbox, redis_server
 from tests.test_agent_runs import agent_events, start, wait_event, wait_run
 from tests.test_screen_relay import Cdp, RelayClient, cdp_page_id, key_event, pointer_event, relay_url
 from tests.test_terminal import Viewer
@@ -367,30 +367,20 @@ async def test_take_over_a_scripted_agent_mid_run_and_hand_back_with_a_note(
 @pytest.fixture
 def redis_namek(tmp_path: Path) -> Iterator[tuple[LiveNamek, str]]:
     """A Namek whose two Daphne processes share a real Redis channel layer; a short lapse."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    redis = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tmp_path)
-    namek = LiveNamek(tmp_path, REDIS_URL=f"redis://127.0.0.1:{port}/0", NAMEK_CONTROL_LAPSE="3")
-    second: subprocess.Popen[bytes] | None = None
-    try:
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout != b"PONG\n"
-        ):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        namek.start()
-        other = free_port()
-        second = namek.start_daphne(other)
-        namek._wait(lambda: namek._http_ok("/login/", f"http://127.0.0.1:{other}"), "the second Daphne")
-        yield namek, f"ws://127.0.0.1:{other}"
-    finally:
-        if second is not None:
-            second.terminate()
-            second.wait(20)
-        namek.stop()
-        redis.terminate()
-        redis.wait(10)
+    with redis_server(tmp_path) as redis:
+        namek = LiveNamek(tmp_path, REDIS_URL=redis.url, NAMEK_CONTROL_LAPSE="3")
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            namek.start()
+            other = free_port()
+            second = namek.start_daphne(other)
+            namek._wait(lambda: namek._http_ok("/login/", f"http://127.0.0.1:{other}"), "the second Daphne")
+            yield namek, f"ws://127.0.0.1:{other}"
+        finally:
+            if second is not None:
+                second.terminate()
+                second.wait(20)
+            namek.stop()
 
 
 async def test_a_takeover_through_one_daphne_flips_connections_on_the_other_and_lapses(

@@ -469,28 +469,13 @@ async def test_a_process_holds_one_group_membership_for_all_its_subscribers(cast
 @pytest.fixture
 def redis_layer(settings: Any, tmp_path: Any) -> Any:
     """A real Redis (Debian's redis-server) as the channel layer, stopped after the test."""
-    from tests.live import free_port
+    from tests.live import redis_server
 
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, check=False).stdout != b"PONG\n"
-        ):
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+    with redis_server(tmp_path) as server:
         settings.CHANNEL_LAYERS = {
-            "default": {
-                "BACKEND": "channels_redis.core.RedisChannelLayer",
-                "CONFIG": {"hosts": [f"redis://127.0.0.1:{port}/0"]},
-            }
+            "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [server.url]}}
         }
-        yield port
-    finally:
-        server.terminate()
-        server.wait(10)
+        yield server.port
 
 
 @pytest.mark.processes

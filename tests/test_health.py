@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,7 +22,8 @@ from django.db.utils import OperationalError
 from django.test import Client
 
 from namek_web import health
-from tests.live import LiveNamek, free_port
+from tests.live import LiveNamek
+from tests.live import redis_server as live_redis
 
 SUPERVISOR_DOWN = "the sandbox supervisor is not running"
 
@@ -185,26 +185,9 @@ def test_a_live_namek_is_ready_until_its_supervisor_stops(fresh_namek: LiveNamek
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--requirepass", "redis-pass-5678", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(10)
+    with live_redis(tmp_path, "redis-pass-5678") as server:
+        assert server.process is not None
+        yield server.port, server.process
 
 
 @pytest.mark.processes

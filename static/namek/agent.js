@@ -1,9 +1,14 @@
 // The agent bar of the sandbox page: start a run (a task for the LLM, or a demo step
 // file), and pause, resume (with a note) or stop the active one. Its state follows the
 // agent.* events of the log, so every viewer sees the same.
+//
+// Who drives is the control banner's business (control.js): while a person drives or is
+// taking over, or while the banner offers "Resume agent", this bar hides its own Pause
+// and Resume (setControl); Stop stays. A user who may not use the sandbox (a viewer)
+// only sees the agent's state.
 import { api } from "./common.js";
 
-export function mountAgentBar(form, sandboxId, initialRun) {
+export function mountAgentBar(form, sandboxId, initialRun, { mayUse = true } = {}) {
   const state = form.querySelector("#agent-state");
   const start = form.querySelector(".agent-start");
   const controls = form.querySelector(".agent-controls");
@@ -12,6 +17,7 @@ export function mountAgentBar(form, sandboxId, initialRun) {
   const stopButton = form.querySelector("#stop-button");
   const note = form.elements.note;
   let run = initialRun; // {id, status, steps, ...} or null
+  let control = null; // the control banner's state (control.js), once known
 
   function show(text, kind) {
     state.textContent = text;
@@ -20,15 +26,20 @@ export function mountAgentBar(form, sandboxId, initialRun) {
 
   function render() {
     const active = run && ["pending", "running", "paused"].includes(run.status);
-    start.hidden = Boolean(active);
-    controls.hidden = !active;
-    pauseButton.hidden = !active || run.status !== "running";
-    resumeButton.hidden = !active || run.status !== "paused";
+    // A person drives or takes over: the banner owns pausing and resuming.
+    const personal = control !== null && ["pending", "person", "you"].includes(control.state);
+    start.hidden = Boolean(active) || !mayUse;
+    controls.hidden = !active || !mayUse;
+    pauseButton.hidden = !active || run.status !== "running" || personal;
+    resumeButton.hidden = !active || run.status !== "paused" || personal || Boolean(control?.may?.resume);
     note.hidden = resumeButton.hidden;
     if (!run) return;
     if (run.status === "pending") show(`Run #${run.id}: starting the agent…`);
     if (run.status === "running") show(`Run #${run.id}: agent driving${run.steps ? `, step ${run.steps}` : ""}`, "ok");
-    if (run.status === "paused") show(`Run #${run.id}: paused`, "retry");
+    if (run.status === "paused") {
+      const driver = personal ? (control.state === "you" ? "you drive" : `${control.user || "someone"} drives`) : "";
+      show(`Run #${run.id}: paused${driver ? ` while ${driver}` : ""}`, "retry");
+    }
   }
 
   form.addEventListener("submit", async (event) => {
@@ -69,6 +80,13 @@ export function mountAgentBar(form, sandboxId, initialRun) {
 
   render();
   return {
+    // Called with the control banner's state whenever it changes.
+    setControl(state) {
+      control = state;
+      // A run the log has not told of yet (the banner's answer came first).
+      if (state.run && (!run || run.id < state.run.id)) run = { id: state.run.id, status: state.run.status, steps: 0 };
+      render();
+    },
     // Called with every event of the log, old and new, in order.
     onEvent(event) {
       if (!event.kind.startsWith("agent.") || typeof event.data?.run !== "number") return;

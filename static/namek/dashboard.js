@@ -1,7 +1,11 @@
-// The dashboard: the table of sandboxes, kept live by /ws/sandboxes/.
+// The dashboard: the table of sandboxes, kept live by /ws/sandboxes/, with who drives
+// each (its control summary; "You are driving" for the logged-in user's own control).
 import { api, describeClose, followSandboxes } from "./common.js";
 
 const rows = document.getElementById("sandbox-rows");
+const table = rows.closest("table");
+const username = table.dataset.username || "";
+const mayCreate = table.dataset.mayCreate === "true";
 const statusLine = document.getElementById("status");
 const empty = document.getElementById("empty");
 const sandboxes = new Map();
@@ -36,22 +40,65 @@ function rowFor(s) {
     open.href = s.url;
     open.textContent = "Open";
     open.className = "button";
-    const del = document.createElement("button");
-    del.textContent = "Delete";
-    del.className = "danger";
-    del.addEventListener("click", () => remove(s, del));
-    actions.append(open, " ", del);
+    actions.append(open);
+    if (mayCreate) { // viewers change nothing
+      const state = s.control?.state || "nobody";
+      if (s.phase === "ready" && !["person", "pending"].includes(state)) {
+        const take = document.createElement("button");
+        take.textContent = "Take over";
+        take.className = "takeover";
+        take.title = state === "agent" ? "Pause the agent and drive its browser and shell" : "Drive its browser and shell";
+        take.addEventListener("click", () => takeOver(s, take));
+        actions.append(" ", take);
+      }
+      const del = document.createElement("button");
+      del.textContent = "Delete";
+      del.className = "danger";
+      del.addEventListener("click", () => remove(s, del));
+      actions.append(" ", del);
+    }
   }
   const reason = s.phase === "failed" && s.failure_reason ? cell(s.failure_reason, "reason") : null;
-  tr.append(cell(s.id), name, cell(s.owner), cell(s.screen), phase, cell(new Date(s.created_at).toLocaleString()), actions);
+  tr.append(cell(s.id), name, cell(s.owner), cell(s.screen), phase, controlCell(s), cell(new Date(s.created_at).toLocaleString()), actions);
   if (reason) phase.append(document.createElement("br"), reason);
   return tr;
+}
+
+function controlCell(s) {
+  const control = s.control || { state: "nobody", label: "Nobody is driving" };
+  const yours = Boolean(username) && control.user === username;
+  let state = control.state;
+  let label = control.label;
+  if (yours && control.state === "person") [state, label] = ["you", "You are driving"];
+  if (yours && control.state === "pending") label = "You are taking over…";
+  const td = cell("", "control");
+  const badge = document.createElement("span");
+  badge.className = "control-badge";
+  badge.dataset.state = state;
+  badge.textContent = label;
+  if (control.since) badge.title = `Since ${new Date(control.since).toLocaleString()}`;
+  td.dataset.state = state;
+  td.append(badge);
+  return td;
 }
 
 function update(s) {
   if (s.phase === "stopped") sandboxes.delete(s.id);
   else sandboxes.set(s.id, s);
   render();
+}
+
+// Take over from the dashboard: once granted (the agent paused), open the sandbox's page.
+async function takeOver(s, button) {
+  button.disabled = true;
+  statusLine.textContent = `Taking over ${s.name}… waiting for the agent to pause`;
+  try {
+    await api("POST", `/api/sandboxes/${s.id}/takeover`);
+    location.href = s.url;
+  } catch (error) {
+    statusLine.textContent = `Could not take over ${s.name}: ${error.message}`;
+    button.disabled = false;
+  }
 }
 
 async function remove(s, button) {
@@ -66,7 +113,7 @@ async function remove(s, button) {
   }
 }
 
-document.getElementById("create-form").addEventListener("submit", async (event) => {
+document.getElementById("create-form")?.addEventListener("submit", async (event) => {
   event.preventDefault();
   const form = event.target;
   const body = {};

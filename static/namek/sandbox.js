@@ -1,8 +1,14 @@
 // The sandbox page: three live panes (screen, terminal, event log), and the sandbox's
 // phase kept live. The log stays readable whatever the phase; screen and terminal only
 // exist while the sandbox is ready.
+//
+// The control banner (control.js) says who drives. Only while this user drives is the
+// screen interactive (noVNC's viewOnly off; it gets the keyboard focus when they take
+// over) and the clipboard panel shown; the terminal follows by itself (its server
+// re-sends "setup" with readonly).
 import { mountAgentBar } from "./agent.js";
 import { api, describeClose, followSandboxes } from "./common.js";
+import { mountControl } from "./control.js";
 import { mountEventLog } from "./eventlog.js";
 import { enableSplitters } from "./layout.js";
 import { showScreen } from "./screen.js";
@@ -21,8 +27,18 @@ const restartButton = document.getElementById("restart-button");
 const terminalStatus = document.getElementById("terminal-status");
 const logStatus = document.getElementById("log-status");
 const noteForm = document.getElementById("note-form");
+const controlBar = document.getElementById("control-bar");
+const workspace = document.getElementById("workspace");
+const clipboardPanel = document.getElementById("clipboard-panel");
+const clipboardOut = clipboardPanel.querySelector("textarea[name=clipboard-out]");
+const clipboardIn = document.getElementById("sandbox-clipboard");
+const clipboardStatus = document.getElementById("clipboard-status");
+const pasteButton = document.getElementById("paste-button");
+const mayUse = controlBar.dataset.mayUse === "true";
 let screen = null;
 let terminal = null;
+let driving = false;
+let lastControl = null; // the dashboard feed's control summary, to notice changes
 
 function setStatus(text, kind) {
   statusLine.textContent = text;
@@ -32,10 +48,14 @@ function setStatus(text, kind) {
 function applyPhase(s) {
   phaseBadge.textContent = s.phase;
   phaseBadge.className = `phase phase-${s.phase}`;
-  deleteButton.hidden = s.phase === "stopped";
-  restartButton.hidden = s.phase !== "ready";
+  if (deleteButton) deleteButton.hidden = s.phase === "stopped";
+  if (restartButton) restartButton.hidden = s.phase !== "ready";
   if (s.phase === "ready" && !screen) {
-    screen = showScreen(container, s.id, { onState: setStatus });
+    screen = showScreen(container, s.id, {
+      onState: setStatus,
+      onClipboard: (text) => { clipboardIn.value = text; },
+      viewOnly: !driving,
+    });
     terminal = mountTerminal(terminalBox, s.id, { onState: (text) => { terminalStatus.textContent = text; } });
   } else if (s.phase !== "ready" && screen) {
     screen.stop();
@@ -49,7 +69,7 @@ function applyPhase(s) {
   if (s.phase === "stopped" || s.phase === "stopping") setStatus(`The sandbox is ${s.phase}.`, "final");
 }
 
-deleteButton.addEventListener("click", async () => {
+deleteButton?.addEventListener("click", async () => {
   deleteButton.disabled = true;
   try {
     applyPhase(await api("DELETE", `/api/sandboxes/${sandbox.id}`));
@@ -59,7 +79,7 @@ deleteButton.addEventListener("click", async () => {
   }
 });
 
-restartButton.addEventListener("click", async () => {
+restartButton?.addEventListener("click", async () => {
   restartButton.disabled = true;
   setStatus("Restarting the browser…", "retry");
   try {
@@ -72,7 +92,7 @@ restartButton.addEventListener("click", async () => {
   }
 });
 
-noteForm.addEventListener("submit", async (event) => {
+noteForm?.addEventListener("submit", async (event) => {
   event.preventDefault();
   const input = noteForm.elements.text;
   if (!input.value.trim()) return;
@@ -87,22 +107,65 @@ noteForm.addEventListener("submit", async (event) => {
   }
 });
 
-enableSplitters(document.getElementById("workspace"));
+pasteButton.addEventListener("click", () => {
+  if (!clipboardOut.value) {
+    clipboardStatus.textContent = "Nothing to paste.";
+    return;
+  }
+  if (screen && screen.pasteClipboard(clipboardOut.value)) {
+    clipboardStatus.textContent = "On the sandbox's clipboard: press Ctrl+V there.";
+    screen.focus();
+  } else {
+    clipboardStatus.textContent = "Not sent: the screen is not connected, or you do not drive.";
+  }
+});
+clipboardIn.addEventListener("focus", () => clipboardIn.select());
+
+// Who drives changed (or was first read): follow it with the screen and the panels.
+function applyControl(state, before) {
+  const was = driving;
+  driving = state.state === "you";
+  workspace.dataset.control = state.state;
+  clipboardPanel.hidden = !driving;
+  if (!driving) clipboardStatus.textContent = "";
+  if (screen) screen.setViewOnly(!driving);
+  agentBar.setControl(state);
+  if (driving && !was && before !== null && screen) screen.focus();
+}
+
+enableSplitters(workspace);
 const agentBar = mountAgentBar(
   document.getElementById("agent-form"), sandbox.id, JSON.parse(document.getElementById("run-data").textContent),
+  { mayUse },
 );
+const control = mountControl(controlBar, sandbox.id, JSON.parse(document.getElementById("control-data").textContent), {
+  username: controlBar.dataset.username,
+  onChange: applyControl,
+});
 mountEventLog(document.getElementById("event-log"), sandbox.id, {
   after: Math.max(0, sandbox.last_event_seq - INITIAL_EVENTS),
   onState: (text) => { logStatus.textContent = text; },
-  onEvent: (event) => agentBar.onEvent(event),
+  onEvent: (event) => {
+    agentBar.onEvent(event);
+    control.onEvent(event);
+  },
 });
 applyPhase(sandbox);
+
+// The dashboard feed: the phase, and a nudge when who drives changed (or the phase,
+// which decides whether taking over is possible).
+function followed(s) {
+  const key = JSON.stringify([s.phase, s.control?.state, s.control?.user, s.control?.since]);
+  if (lastControl !== null && key !== lastControl) control.refresh();
+  lastControl = key;
+  applyPhase(s);
+}
 
 followSandboxes({
   onSnapshot: (list) => {
     const found = list.find((s) => s.id === sandbox.id);
-    if (found) applyPhase(found);
+    if (found) followed(found);
   },
-  onChange: (s) => { if (s.id === sandbox.id) applyPhase(s); },
+  onChange: (s) => { if (s.id === sandbox.id) followed(s); },
   onFinal: (code, reason) => setStatus(`Live updates stopped: ${describeClose(code, reason)}`, "final"),
 });

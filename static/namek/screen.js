@@ -35,7 +35,10 @@ export function ackingSocket(url) {
 
 // Shows the screen in `container`, reconnecting by itself until a final close code.
 // onState(text, kind) reports progress: kind is "ok", "retry" or "final".
-export function showScreen(container, sandboxId, { onState = () => {}, viewOnly = false } = {}) {
+// onClipboard(text) gets what was copied in the sandbox (noVNC's "clipboard" event).
+// viewOnly: noVNC sends no keys, pointer or clipboard (the server drops the input of
+// anyone not driving anyway); setViewOnly() changes it, for this and later connections.
+export function showScreen(container, sandboxId, { onState = () => {}, onClipboard = () => {}, viewOnly = true } = {}) {
   let rfb = null;
   const keeper = keepConnected((onClose) => {
     const ws = ackingSocket(wsUrl(`/ws/sandboxes/${sandboxId}/screen/`));
@@ -51,6 +54,7 @@ export function showScreen(container, sandboxId, { onState = () => {}, viewOnly 
     rfb.viewOnly = viewOnly;
     rfb.background = "#111";
     rfb.addEventListener("connect", () => onState("Live", "ok"));
+    rfb.addEventListener("clipboard", (event) => onClipboard(String(event.detail?.text ?? "")));
   }, {
     onRetry: (code, reason, delay) => onState(`${describeClose(code, reason)}; reconnecting in ${Math.round(delay / 100) / 10} s…`, "retry"),
     onFinal: (code, reason) => onState(`Disconnected: ${describeClose(code, reason)}`, "final"),
@@ -61,5 +65,17 @@ export function showScreen(container, sandboxId, { onState = () => {}, viewOnly 
       if (rfb) rfb.disconnect();
     },
     focus() { if (rfb) rfb.focus(); },
+    get viewOnly() { return viewOnly; },
+    setViewOnly(value) {
+      viewOnly = Boolean(value);
+      if (rfb) rfb.viewOnly = viewOnly;
+    },
+    // Sends `text` as the sandbox's clipboard (ClientCutText): Ctrl+V there pastes it.
+    // False when there is no connection, or it is view-only.
+    pasteClipboard(text) {
+      if (!rfb || viewOnly) return false;
+      rfb.clipboardPasteFrom(String(text));
+      return true;
+    },
   };
 }

@@ -66,7 +66,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -81,7 +80,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.benchmarks import cli
-from tests.live import ROOT, LiveNamek, free_port
+from tests.live import ROOT, LiveNamek, RedisServer
 
 COUNTS = (1, 10, 50)
 RATE = 100.0  # events per second
@@ -111,55 +110,6 @@ def terminate(process: subprocess.Popen[Any]) -> None:
 
 
 # --- redis ----------------------------------------------------------------------------------
-
-
-class RedisServer:
-    """Debian's redis-server on a free port of 127.0.0.1, no persistence, in its own
-    session (so that a Ctrl-C to the terminal leaves it to ``stop()``, after Namek)."""
-
-    def __init__(self, base: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = base / "redis"
-        self.dir.mkdir(exist_ok=True)
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-
-    def start(self) -> RedisServer:
-        self._log = open(self.dir / "redis.log", "ab")
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=self.dir,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
-            if self._pong():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
-
-    def _pong(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def version(self) -> str:
-        return version(["redis-server", "--version"])
-
-    def stop(self) -> None:
-        if self.process is not None:
-            terminate(self.process)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # --- subscribers ------------------------------------------------------------------------------
@@ -732,7 +682,7 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         redis = RedisServer(base)
         try:
             redis.start()
-            redis_version = redis.version()
+            redis_version = version(["redis-server", "--version"])
             rows += measure_layer(REDIS, writers, base, args, {"REDIS_URL": redis.url})
         finally:
             redis.stop()
