@@ -274,3 +274,25 @@ def test_namek_role_sets_and_clears_a_role(cast: dict, make_sandbox) -> None:
         call_command("namek_role", "nobody", "viewer")
     with pytest.raises(CommandError, match="invalid choice"):
         call_command("namek_role", "outsider", "king")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_input_about_to_be_dropped_rereads_a_grant_its_message_has_not_brought(cast: dict, make_sandbox) -> None:
+    """The take-over answers once the grant is committed; a connection in another process
+    may not have its message yet. Its next input reads the lease before dropping."""
+    from channels.db import database_sync_to_async
+
+    from viewer.consumers.control import ControlFollower
+
+    box = await database_sync_to_async(make_sandbox)("owner")
+    owner = await database_sync_to_async(user)(cast, "owner")
+    follower = ControlFollower()
+    follower.scope = {"user": owner}  # type: ignore[attr-defined]
+    follower.sandbox = box  # type: ignore[attr-defined]
+    follower.lease = await database_sync_to_async(lambda: control.wire(control.lease_of(box.pk)))()
+    assert not follower.drives
+    granted = await database_sync_to_async(control.request)(box.pk, owner)
+    await database_sync_to_async(control.grant)(granted.span_id, None, 0.0, None)
+    await follower.recheck_lease()
+    assert follower.drives
+    follower._beat.cancel()  # type: ignore[union-attr]

@@ -88,10 +88,13 @@ class ScreenRelay:
         window: int,
         stall_seconds: float,
         on_input: Callable[[int], None] | None = None,
+        recheck: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.target = target
         #: told the type of every input message forwarded
         self.on_input = on_input
+        #: awaited before input is dropped: it may find that control was just granted
+        self.recheck = recheck
         self.send_bytes = send_bytes
         self.close_with = close_with
         self.window = window
@@ -180,6 +183,8 @@ class ScreenRelay:
         assert self._writer
         for message in messages:
             if message.type in rfb.INPUT_MESSAGES:
+                if not self.may_input and self.recheck is not None:
+                    await self.recheck()
                 if not self.may_input:
                     self.dropped_inputs += 1
                     continue

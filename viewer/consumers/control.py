@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: how often a driving connection adds up its input counts
 FLUSH_SECONDS = 0.5
+#: how often input that is about to be dropped may re-read the lease
+RECHECK_SECONDS = 1.0
 _ticker: asyncio.Task[None] | None = None
 
 
@@ -38,6 +40,7 @@ class ControlFollower:
 
     lease: dict[str, Any] | None = None
     following = False
+    _rechecked = float("-inf")
     _beat: asyncio.Task[None] | None = None
 
     async def follow_control(self) -> None:
@@ -45,8 +48,7 @@ class ControlFollower:
         self.inputs: Counter[str] = Counter()
         await self.channel_layer.group_add(control.group_name(sandbox_id), self.channel_name)  # type: ignore[attr-defined]
         self.following = True
-        lease = await database_sync_to_async(lambda: control.wire(control.lease_of(sandbox_id)))()
-        await self.apply_lease(lease)
+        await self.apply_lease(await self._read_lease())
         ensure_ticker()
 
     @property
@@ -58,6 +60,20 @@ class ControlFollower:
     def person_drives(self) -> bool:
         """Some person (maybe this connection's user) holds the granted lease."""
         return bool(self.lease and self.lease["holder"] == "person" and self.lease["granted"])
+
+    async def recheck_lease(self) -> None:
+        """Read the lease from the database (at most once a second): for input that would
+        be dropped, in case the grant was committed (the take-over answered) but its
+        message has not reached this process yet."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._rechecked < RECHECK_SECONDS:
+            return
+        self._rechecked = loop.time()
+        await self.apply_lease(await self._read_lease())
+
+    async def _read_lease(self) -> dict[str, Any]:
+        sandbox_id = self.sandbox.pk  # type: ignore[attr-defined]
+        return await database_sync_to_async(lambda: control.wire(control.lease_of(sandbox_id)))()
 
     async def control_changed(self, message: dict[str, Any]) -> None:
         """The channel layer's ``control.changed``."""

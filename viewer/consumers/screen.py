@@ -42,6 +42,7 @@ class ScreenConsumer(ControlFollower, NamekConsumer):
             window=settings.NAMEK_RELAY_WINDOW,
             stall_seconds=settings.NAMEK_RELAY_STALL_SECONDS,
             on_input=self.forwarded,
+            recheck=self.recheck_lease,
         )
         await self.follow_control()
         try:
