@@ -100,6 +100,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "namek_web.middleware.PlainHttpForSandboxes",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -169,6 +170,25 @@ CSRF_COOKIE_SAMESITE = "Lax"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+# Behind a TLS-terminating proxy (an Ingress): HTTPS is told by X-Forwarded-Proto, cookies
+# are Secure, browsers are told to come back over HTTPS only. The proxy redirects HTTP to
+# HTTPS itself: sandboxes reach Namek over plain HTTP on NAMEK_INTERNAL_URL (the start
+# page, the demo site), and their cookies lose the Secure flag there
+# (namek_web.middleware.PlainHttpForSandboxes).
+NAMEK_HTTPS = env_bool("NAMEK_HTTPS", False)
+if NAMEK_HTTPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(env_float("NAMEK_HSTS_SECONDS", 31536000, minimum=1))
+    # Whether every subdomain is HTTPS too, and the browsers' preload list, are the
+    # domain owner's choice: off unless said, and then not warned about.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("NAMEK_HSTS_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("NAMEK_HSTS_PRELOAD", False)
+    SILENCED_SYSTEM_CHECKS = [
+        "security.W008",  # SECURE_SSL_REDIRECT: the proxy redirects
+        *([] if SECURE_HSTS_INCLUDE_SUBDOMAINS else ["security.W005"]),
+        *([] if SECURE_HSTS_PRELOAD else ["security.W021"]),
+    ]
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
