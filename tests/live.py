@@ -305,3 +305,41 @@ def redis_server(base: Path, password: str | None = None) -> Iterator[RedisServe
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """Debian's PostgreSQL in a throwaway cluster on a free port of 127.0.0.1 (trust
+    authentication, no fsync), run as the ``postgres`` user when we are root (it refuses
+    root); yields a DATABASE_URL of an empty database, and is stopped however the block
+    ends."""
+    import glob
+    import shutil
+    import tempfile
+
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    assert binaries, "PostgreSQL's server is not installed (Debian package postgresql)"
+    bindir = Path(binaries[-1])
+    base = Path(tempfile.mkdtemp(prefix="namek-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+        as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    port = free_port()
+    data, log = base / "data", base / "postgres.log"
+
+    def run(*argv: str) -> None:
+        subprocess.run([*as_postgres, *argv], check=True, capture_output=True, timeout=120, cwd=base)
+
+    started = False
+    try:
+        run(str(bindir / "initdb"), "-D", str(data), "-U", "namek", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        started = True
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "namek", "namek")
+        yield f"postgres://namek@127.0.0.1:{port}/namek"
+    finally:
+        if started:
+            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
