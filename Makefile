@@ -24,6 +24,7 @@ bench: setup
 	$(PY) -m tests.benchmarks.platform_bench
 	$(PY) -m tests.benchmarks.terminal_bench
 	$(PY) -m tests.benchmarks.events_bench
+	$(PY) -m tests.benchmarks.control_bench
 
 lint: python
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -444,7 +444,8 @@ def _screen_target(sandbox_id: int) -> Any:
     return get_backend(sandbox.backend).screen_target(sandbox_id)
 
 
-async def _grab(target: Any) -> bytes:
+async def grab(target: Any) -> bytes:
+    """One frame of ``target`` (a ScreenTarget) as PNG (JPEG if too big for an event)."""
     endpoint = target.endpoint
 
     async def read() -> tuple[int, int, bytes]:
@@ -465,7 +466,7 @@ async def screenshot(sandbox_id: int) -> bytes | None:
     """The sandbox's screen as a PNG (JPEG if the PNG is too big for an event), or None."""
     try:
         target = await sync_to_async(_screen_target, thread_sensitive=False)(sandbox_id)
-        return None if target is None else await _grab(target)
+        return None if target is None else await grab(target)
     except Exception as exc:  # a missing screenshot must not stop a take-over or hand-back
         log.warning("sandbox %s: no screenshot: %r", sandbox_id, exc)
         return None
@@ -478,7 +479,7 @@ def screenshot_now(sandbox_id: int) -> bytes | None:
     a nested thread-sensitive call would wait for forever."""
     try:
         target = _screen_target(sandbox_id)
-        return None if target is None else asyncio.run(_grab(target))
+        return None if target is None else asyncio.run(grab(target))
     except Exception as exc:
         log.warning("sandbox %s: no screenshot: %r", sandbox_id, exc)
         return None
