@@ -198,8 +198,19 @@ USE_TZ = True
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
-#: event screenshots (served by Namek's views, which check access; no MEDIA_URL)
+#: event screenshots (served by Namek's views, which check access; no MEDIA_URL): files
+#: under MEDIA_ROOT, or rows in the database when several web replicas share no volume
 MEDIA_ROOT = DATA_DIR / "media"
+NAMEK_MEDIA_STORAGE = env_choice("NAMEK_MEDIA_STORAGE", "files", ("files", "database"))
+STORAGES = {
+    "default": {
+        "BACKEND": "sandboxes.storage.DatabaseStorage"
+        if NAMEK_MEDIA_STORAGE == "database"
+        else "sandboxes.storage.FileStorage"
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
 
 LOGGING = {
     "version": 1,

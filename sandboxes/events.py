@@ -67,7 +67,6 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -329,6 +328,6 @@ def _delete_files(names: tuple[str, str]) -> None:
                 log.warning("could not delete %s", name)
 
 
-def screenshot_dir(sandbox_id: int) -> Path:
-    """Where a sandbox's screenshots are (to remove with the sandbox's rows)."""
-    return Path(default_storage.path(f"screenshots/{sandbox_id}"))
+def delete_screenshots(sandbox_id: int) -> None:
+    """Remove a sandbox's screenshots (with its rows), whichever storage keeps them."""
+    default_storage.delete_tree(f"screenshots/{sandbox_id}")  # type: ignore[attr-defined]

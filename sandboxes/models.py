@@ -263,3 +263,16 @@ class ControlLease(models.Model):
 
     def __str__(self) -> str:
         return f"control of sandbox {self.sandbox_id}: {self.holder} (v{self.version})"
+
+
+class StoredFile(models.Model):
+    """A file kept in the database (event screenshots with NAMEK_MEDIA_STORAGE=database):
+    every web replica reads what any of them stored, with no shared volume."""
+
+    name = models.CharField(max_length=200, unique=True)
+    content = models.BinaryField()
+    size = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.size} bytes)"

@@ -21,7 +21,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sandboxes.events import screenshot_dir
+from sandboxes.events import delete_screenshots
 from sandboxes.models import Phase, Sandbox
 
 ENDED_PHASES = (Phase.STOPPED, Phase.FAILED)
@@ -72,7 +72,10 @@ class Command(BaseCommand):
         kept = set(Sandbox.objects.filter(pk__in=ids).values_list("pk", flat=True))
         for sandbox_id in sorted(set(ids) - kept):
             self._remove_directory(Path(settings.DATA_DIR) / "sandboxes" / str(sandbox_id))
-            self._remove_directory(screenshot_dir(sandbox_id))
+            try:
+                delete_screenshots(sandbox_id)
+            except OSError as exc:
+                self.stderr.write(f"could not remove the screenshots of sandbox {sandbox_id}: {exc}")
 
     def _remove_directory(self, path: Path) -> None:
         if path.is_symlink() or not path.is_dir():
