@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,8 +45,7 @@ if _internal.hostname and _internal.hostname not in ALLOWED_HOSTS and "*" not in
     # Sandboxes open the start page through NAMEK_INTERNAL_URL: its host must be served.
     ALLOWED_HOSTS.append(_internal.hostname)
 
-# "kubernetes" joins with the Kubernetes backend; until then it is refused at start.
-NAMEK_BACKEND = env_choice("NAMEK_BACKEND", "local", ("local",))
+NAMEK_BACKEND = env_choice("NAMEK_BACKEND", "local", ("local", "kubernetes"))
 NAMEK_SCREEN_SIZE = env_screen_size("NAMEK_SCREEN_SIZE", "1280x800")
 NAMEK_LOCAL_ISOLATION = env_choice("NAMEK_LOCAL_ISOLATION", "on", ("on", "off"))
 NAMEK_SUPERVISOR_SOCKET = Path(env_str("NAMEK_SUPERVISOR_SOCKET", str(DATA_DIR / "supervisor.sock")))
@@ -53,6 +53,38 @@ NAMEK_SANDBOX_START_TIMEOUT = env_float("NAMEK_SANDBOX_START_TIMEOUT", 30.0, min
 NAMEK_CHROMIUM = env_str("NAMEK_CHROMIUM", "/usr/bin/chromium")
 NAMEK_SCREEN = env_choice("NAMEK_SCREEN", "xvnc", ("xvnc", "xvfb-x11vnc"))
 NAMEK_WARM_POOL = env_int("NAMEK_WARM_POOL", 1, minimum=0, maximum=20)
+
+# --- Kubernetes backend (NAMEK_BACKEND=kubernetes: sandboxes.backends.kubernetes) -----------
+# A sandbox is a SandboxClaim against a SandboxWarmPool of agent-sandbox; Namek dials the
+# pod's VNC and CDP ports itself and attaches to its tmux server over pods/exec. The start
+# timeout is NAMEK_SANDBOX_START_TIMEOUT's; `manage.py namek_controller` follows phases.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", re.ASCII)
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", re.ASCII)
+NAMEK_K8S_NAMESPACE = env_str("NAMEK_K8S_NAMESPACE", "namek")
+NAMEK_K8S_WARM_POOL = env_str("NAMEK_K8S_WARM_POOL", "namek-sandboxes")
+NAMEK_K8S_SHELL_CONTAINER = env_str("NAMEK_K8S_SHELL_CONTAINER", "shell")
+NAMEK_K8S_CHROMIUM_CONTAINER = env_str("NAMEK_K8S_CHROMIUM_CONTAINER", "chromium")
+for _name, _value, _pattern in (
+    ("NAMEK_K8S_NAMESPACE", NAMEK_K8S_NAMESPACE, _DNS_LABEL),
+    ("NAMEK_K8S_WARM_POOL", NAMEK_K8S_WARM_POOL, _DNS_NAME),
+    ("NAMEK_K8S_SHELL_CONTAINER", NAMEK_K8S_SHELL_CONTAINER, _DNS_LABEL),
+    ("NAMEK_K8S_CHROMIUM_CONTAINER", NAMEK_K8S_CHROMIUM_CONTAINER, _DNS_LABEL),
+):
+    if not _pattern.fullmatch(_value):
+        raise ImproperlyConfigured(f"{_name}={_value!r}: expected a Kubernetes name (lower case, digits, '-')")
+#: empty: the in-cluster service account; otherwise a kubeconfig file
+NAMEK_K8S_KUBECONFIG = env_str("NAMEK_K8S_KUBECONFIG")
+if NAMEK_K8S_KUBECONFIG and NAMEK_BACKEND == "kubernetes" and not Path(NAMEK_K8S_KUBECONFIG).is_file():
+    raise ImproperlyConfigured(f"NAMEK_K8S_KUBECONFIG={NAMEK_K8S_KUBECONFIG!r}: no such file")
+#: the template's VNC password Secret, mounted into Namek's pods
+NAMEK_K8S_VNC_PASSWORD_FILE = env_str("NAMEK_K8S_VNC_PASSWORD_FILE", "/etc/namek/vnc/password")
+NAMEK_K8S_VNC_PORT = env_int("NAMEK_K8S_VNC_PORT", 5900, minimum=1, maximum=65535)
+#: the pod's CDP forwarder (Chromium itself listens on 127.0.0.1:9222 only)
+NAMEK_K8S_CDP_PORT = env_int("NAMEK_K8S_CDP_PORT", 9223, minimum=1, maximum=65535)
+NAMEK_K8S_TMUX_SOCKET = env_str("NAMEK_K8S_TMUX_SOCKET", "/run/namek/tmux.sock")
+if not NAMEK_K8S_TMUX_SOCKET.startswith("/"):
+    raise ImproperlyConfigured(f"NAMEK_K8S_TMUX_SOCKET={NAMEK_K8S_TMUX_SOCKET!r}: expected an absolute path")
+# --- end of the Kubernetes backend block ------------------------------------------------------
 
 # Agents. With no LLM configured a run needs a step file (the scripted model). The key
 # goes to the runner's environment only, never into the database or a page.

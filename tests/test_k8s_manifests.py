@@ -6,7 +6,7 @@ strict schemas for Kubernetes 1.31, agent-sandbox kinds with the CRDs' openAPIV3
 from ../shared/k8s-crds/, closed against unknown fields. Then what the manifests promise:
 locked-down pods, pinned images, the Role's exact rules, the sandboxes' network policy,
 what each overlay changes (and that it changes nothing else), the Dockerfiles, and that
-k8s/DEPLOY.md tells how to create every Secret the manifests use.
+the README's "Deploy on Kubernetes" tells how to create every Secret the manifests use.
 
 Bad input tried, each of which must be refused:
 
@@ -84,15 +84,19 @@ CHROMIUM_FLAGS = [
 ]
 #: What Namek may do through the API (apiGroup, resource, verb), and nothing more.
 NAMEK_RIGHTS = {
-    *(("extensions.agents.x-k8s.io", "sandboxclaims", v) for v in ("get", "list", "watch", "create", "delete")),
+    *(
+        ("extensions.agents.x-k8s.io", "sandboxclaims", v)
+        for v in ("get", "list", "watch", "create", "delete", "patch")
+    ),
     ("extensions.agents.x-k8s.io", "sandboxwarmpools", "get"),
     *(("agents.x-k8s.io", "sandboxes", v) for v in ("get", "list", "watch")),
     ("", "pods", "get"),
     ("", "pods", "list"),
+    ("", "pods", "watch"),
     ("", "pods/exec", "create"),
     ("", "pods/exec", "get"),
 }
-#: Secrets the manifests use and k8s/DEPLOY.md must tell how to create: name -> keys.
+#: Secrets the manifests use and the README must tell how to create: name -> keys.
 SECRETS = {
     "namek-secrets": {"database-url", "secret-key", "postgres-password"},
     "namek-sandbox-vnc": {"password"},
@@ -107,6 +111,14 @@ Resource = dict[str, Any]
 
 
 @functools.cache
+def deploy_guide() -> str:
+    """The README's "Deploy on Kubernetes" section."""
+    readme = (K8S.parent / "README.md").read_text()
+    start = readme.index("## Deploy on Kubernetes")
+    end = readme.find("\n## ", start + 1)
+    return readme[start : end if end != -1 else len(readme)]
+
+
 def _rendered(target: str) -> tuple[Resource, ...]:
     return tuple(render(K8S / target))
 
@@ -651,7 +663,8 @@ def sandbox(target: str) -> tuple[list[Resource], Resource, dict[str, Any]]:
 def test_the_sandbox_pod_offers_screen_browser_and_shell(target: str) -> None:
     resources, template, spec = sandbox(target)
     assert template["spec"]["podTemplate"]["metadata"]["labels"]["app.kubernetes.io/name"] == "namek-sandbox"
-    assert template["spec"]["envVarsInjectionPolicy"] == "Allowed"  # claims inject NAMEK_START_URL
+    # Namek's claims inject no env (agent-sandbox starts such claims cold, never warm).
+    assert template["spec"]["envVarsInjectionPolicy"] == "Disallowed"
     assert spec["automountServiceAccountToken"] is False
     assert spec["serviceAccountName"] == "namek-sandbox"
     assert spec["securityContext"]["runAsUser"] == 61001
@@ -675,7 +688,7 @@ def test_the_sandbox_pod_offers_screen_browser_and_shell(target: str) -> None:
     assert "${NAMEK_START_URL:-about:blank}" in chromium_words
     env = {e["name"]: e["value"] for e in chromium["env"]}
     assert env["DISPLAY"] == ":1"
-    assert "NAMEK_START_URL" not in env  # a claim adds it: Allowed, not Overrides
+    assert "NAMEK_START_URL" not in env  # Namek opens the start page over CDP
     profile = next(m for m in chromium["volumeMounts"] if m["mountPath"] == "/home/sandbox")
     assert "emptyDir" in volumes[profile["name"]]
 
@@ -1037,7 +1050,7 @@ def test_the_sandbox_tmux_configuration_matches_the_local_one_but_for_the_sessio
 
 
 def test_deploy_md_tells_how_to_create_every_secret_the_manifests_use() -> None:
-    guide = (K8S / "DEPLOY.md").read_text()
+    guide = deploy_guide()
     used: dict[str, set[str]] = {}
     for target in TARGETS:
         resources = rendered(target)
@@ -1068,7 +1081,7 @@ def test_deploy_md_tells_how_to_create_every_secret_the_manifests_use() -> None:
 
 
 def test_deploy_md_covers_install_build_apply_and_the_first_admin() -> None:
-    guide = (K8S / "DEPLOY.md").read_text()
+    guide = deploy_guide()
     for step in (
         "releases/download/${VERSION}/manifest.yaml",
         "releases/download/${VERSION}/extensions.yaml",

@@ -12,6 +12,7 @@ from sandboxes.backends.base import SandboxBackend
 
 REGISTRY = {
     "local": "sandboxes.backends.local.LocalBackend",
+    "kubernetes": "sandboxes.backends.kubernetes.KubernetesBackend",
 }
 
 
