@@ -7,9 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := xvfb x11vnc tigervnc-standalone-server tigervnc-tools chromium fonts-liberation \
-	xdotool x11-utils tmux bubblewrap socat redis-server postgresql
+	xdotool x11-utils tmux bubblewrap socat redis-server postgresql ffmpeg
 # A command each package provides: what `system` checks for before calling apt.
-NEEDED_COMMANDS := Xvfb x11vnc Xvnc vncpasswd chromium xdotool xdpyinfo tmux bwrap socat setpriv redis-server pg_ctlcluster
+NEEDED_COMMANDS := Xvfb x11vnc Xvnc vncpasswd chromium xdotool xdpyinfo tmux bwrap socat setpriv redis-server pg_ctlcluster ffmpeg
 
 .PHONY: run test bench lint setup system python frontend db lock clean
 
