@@ -113,6 +113,27 @@ class LiveNamek:
             stderr=subprocess.STDOUT,
         )
 
+    @contextlib.contextmanager
+    def second_daphne(self) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+        """Another Daphne process of this Namek, answering: its port and process; stopped
+        after the block."""
+        port = free_port()
+        process = self.start_daphne(port)
+        try:
+            self._wait(
+                lambda: process.poll() is not None or self._http_ok("/login/", f"http://127.0.0.1:{port}"),
+                "the second Daphne",
+            )
+            assert process.poll() is None, f"the second Daphne exited with {process.returncode}"
+            yield port, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
     def start_supervisor(self) -> subprocess.Popen[bytes]:
         socket_path = self.data_dir / "supervisor.sock"
         with contextlib.suppress(FileNotFoundError):

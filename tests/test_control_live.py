@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import struct
-import subprocess
 import threading
 import time
 import urllib.error
@@ -31,7 +30,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
 from sandboxes import rfb
-from tests.live import LiveNamek, free_port, ready_sandbox, redis_server
+from tests.live import LiveNamek, ready_sandbox, redis_server
 from tests.test_agent_runs import agent_events, start, wait_event, wait_run
 from tests.test_screen_relay import Cdp, RelayClient, cdp_page_id, key_event, pointer_event, relay_url
 from tests.test_terminal import Viewer
@@ -378,17 +377,11 @@ def redis_namek(tmp_path: Path) -> Iterator[tuple[LiveNamek, str]]:
     """A Namek whose two Daphne processes share a real Redis channel layer; a short lapse."""
     with redis_server(tmp_path) as redis:
         namek = LiveNamek(tmp_path, REDIS_URL=redis.url, NAMEK_CONTROL_LAPSE="3")
-        second: subprocess.Popen[bytes] | None = None
         try:
             namek.start()
-            other = free_port()
-            second = namek.start_daphne(other)
-            namek._wait(lambda: namek._http_ok("/login/", f"http://127.0.0.1:{other}"), "the second Daphne")
-            yield namek, f"ws://127.0.0.1:{other}"
+            with namek.second_daphne() as (other, _process):
+                yield namek, f"ws://127.0.0.1:{other}"
         finally:
-            if second is not None:
-                second.terminate()
-                second.wait(20)
             namek.stop()
 
 

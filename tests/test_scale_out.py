@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,7 @@ from playwright.async_api import Browser, Page
 from websockets.asyncio.client import connect
 
 from tests.cast import PASSWORD
-from tests.live import LiveNamek, free_port, postgres_server, redis_server
+from tests.live import LiveNamek, postgres_server, redis_server
 from tests.test_control_live import race_takeovers
 
 pytestmark = pytest.mark.processes
@@ -45,17 +44,11 @@ def scaled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scaled]:
     base = tmp_path_factory.mktemp("scaled")
     with postgres_server() as database_url, redis_server(base) as redis:
         namek = LiveNamek(base, DATABASE_URL=database_url, REDIS_URL=redis.url)
-        second: subprocess.Popen[bytes] | None = None
         try:
             namek.start()
-            port = free_port()
-            second = namek.start_daphne(port)
-            namek._wait(lambda: namek._http_ok("/login/", f"http://127.0.0.1:{port}"), "the second Daphne")
-            yield Scaled(namek, port)
+            with namek.second_daphne() as (port, _process):
+                yield Scaled(namek, port)
         finally:
-            if second is not None:
-                second.terminate()
-                second.wait(20)
             namek.stop()
 
 

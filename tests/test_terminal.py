@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from sandboxes.backends.local import LocalBackend
-from tests.live import LiveNamek, free_port, ready_sandbox
+from tests.live import LiveNamek, ready_sandbox
 from viewer.consumers.terminal import TerminalConsumer
 from viewer.terminal import MAX_PENDING_INPUT, Terminal
 
@@ -214,15 +214,7 @@ async def test_a_flood_of_output_neither_blocks_nor_bloats_the_server(
 async def test_two_daphne_processes_serve_the_same_shell(live_namek: LiveNamek, shell_box: dict[str, Any]) -> None:
     """Any web process can serve any viewer: a second Daphne on the same data dir and
     supervisor socket, and each of two viewers, one on either, sees what the other types."""
-    port = free_port()
-    second = live_namek.start_daphne(port)
-    try:
-
-        def up() -> bool:
-            return second.poll() is not None or live_namek._http_ok("/login/", f"http://127.0.0.1:{port}")
-
-        await asyncio.to_thread(live_namek._wait, up, "the second Daphne")
-        assert second.poll() is None, f"the second Daphne exited with {second.returncode}"
+    with live_namek.second_daphne() as (port, second):
         on_a = await open_viewer(live_namek, shell_box["id"])
         async with on_a.ws:
             on_b = await open_viewer(live_namek, shell_box["id"], ws_base=f"ws://127.0.0.1:{port}")
@@ -234,14 +226,6 @@ async def test_two_daphne_processes_serve_the_same_shell(live_namek: LiveNamek, 
                 # B's tmux client is the second Daphne's child: that process served B.
                 clients = [child.cmdline() for child in psutil.Process(second.pid).children()]
                 assert any("attach-session" in argv for argv in clients), clients
-    finally:
-        if second.poll() is None:
-            second.terminate()
-        try:
-            second.wait(20)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            second.wait()
 
 
 def tmux_clients(socket_path: str) -> list[str]:
