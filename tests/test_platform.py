@@ -229,14 +229,24 @@ def test_an_idle_sandbox_stops_on_time_and_a_watched_one_does_not(short_lived: L
 
 def test_a_sandbox_stops_at_its_maximum_lifetime_even_when_watched(short_lived: LiveNamek) -> None:
     sandbox = short_lived.create_sandbox(name="old")
-    # In the live database (another process's): someone watches, and it was created a
-    # minute ago, so only the lifetime can stop it, and now.
-    short_lived.manage(
-        "shell",
-        "-c",
-        "import datetime; from django.utils import timezone; from sandboxes.models import Sandbox; "
-        f"Sandbox.objects.filter(pk={sandbox['id']}).update("
-        "viewers=1, created_at=timezone.now() - datetime.timedelta(seconds=61))",
-    )
-    stopped = short_lived.wait_phase(sandbox["id"], "stopped", timeout=15)
+
+    async def watch_until_stopped() -> dict[str, Any]:
+        from websockets.asyncio.client import connect
+
+        headers = {"Authorization": f"Bearer {short_lived.token()}"}
+        url = f"{short_lived.ws_base}/ws/sandboxes/{sandbox['id']}/screen/"
+        async with connect(url, additional_headers=headers, subprotocols=["binary"], max_size=None) as ws:
+            await ws.recv()  # the relay is up: someone watches, so the idle timeout cannot stop it
+            # In the live database (another process's): created a minute ago, so only the
+            # lifetime can stop it, and now. (A slow `manage.py shell` no longer races the
+            # 3 s idle timeout: the watcher is already counted.)
+            code = (
+                "import datetime; from django.utils import timezone; from sandboxes.models import Sandbox; "
+                f"Sandbox.objects.filter(pk={sandbox['id']}).update("
+                "created_at=timezone.now() - datetime.timedelta(seconds=61))"
+            )
+            await asyncio.to_thread(short_lived.manage, "shell", "-c", code)
+            return await asyncio.to_thread(short_lived.wait_phase, sandbox["id"], "stopped", timeout=15)
+
+    stopped = asyncio.run(watch_until_stopped())
     assert "maximum lifetime of 60 s" in stopped["failure_reason"]
