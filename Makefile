@@ -25,6 +25,7 @@ bench: setup
 	$(PY) -m tests.benchmarks.terminal_bench
 	$(PY) -m tests.benchmarks.events_bench
 	$(PY) -m tests.benchmarks.control_bench
+	$(PY) -m tests.benchmarks.wall_bench
 
 lint: python
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -102,6 +102,8 @@ NAMEK_RUN_STOP_GRACE = env_float("NAMEK_RUN_STOP_GRACE", 10.0, minimum=0.5)
 # long the holder's connections may all be gone before control lapses to nobody.
 NAMEK_TAKEOVER_PAUSE_TIMEOUT = env_float("NAMEK_TAKEOVER_PAUSE_TIMEOUT", 15.0, minimum=0.0)
 NAMEK_CONTROL_LAPSE = env_float("NAMEK_CONTROL_LAPSE", 60.0, minimum=1.0)
+# The wall (viewer.wall): at most this many thumbnails per second per sandbox.
+NAMEK_WALL_FPS = env_float("NAMEK_WALL_FPS", 2.0, minimum=0.1)
 
 # Limits. One sandbox is ~0.4-0.5 GiB and a busy one about a core: the defaults fit the
 # 2-core, 24 GiB machines Namek is measured on.

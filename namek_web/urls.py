@@ -3,9 +3,9 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 
 from namek_web import health
-from sandboxes import api
+from sandboxes import api, share_api
 from sandboxes import openapi as api_docs
-from viewer import views
+from viewer import views, wall_views
 
 handler400 = "namek_web.errors.bad_request"
 handler404 = "namek_web.errors.not_found"
@@ -15,6 +15,8 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("sandboxes/<int:sandbox_id>/", views.sandbox_page, name="sandbox"),
     path("sandboxes/start/<str:token>/", views.start_page, name="sandbox-start"),
+    path("wall/", wall_views.wall_page, name="wall"),
+    path("wall/stats", wall_views.wall_stats, name="wall-stats"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
@@ -47,5 +49,7 @@ urlpatterns = [
     path("api/runs/<int:run_id>/stop", api.run_command, {"command": "stop"}, name="api-run-stop"),
     path("api/runs/<int:run_id>/pause", api.run_command, {"command": "pause"}, name="api-run-pause"),
     path("api/runs/<int:run_id>/resume", api.run_command, {"command": "resume"}, name="api-run-resume"),
+    path("api/share-links", share_api.share_links, name="api-share-links"),
+    path("api/share-links/<int:link_id>", share_api.share_link, name="api-share-link"),
     re_path(r"^api/(?P<rest>.*)$", api.api_not_found),
 ]

@@ -53,7 +53,9 @@ control.handed_back         either   ``span``, ``run``, ``user``, ``seconds`` in
                                      by an admin or the sandbox stopping); with a screenshot
 control.lapsed              system   ``span``, ``run``, ``user``, ``seconds``, ``inputs``,
                                      ``lapse``: the holder's connections were all gone that long
-share.*                     person   reserved for share links and the wall (the demo-screen issue)
+share.opened                system   ``link`` (its id), ``where`` (``page``), ``wall`` (false): someone
+                                     opened the sandbox through a read-only share link (actor
+                                     "share link #N"); a wall link's uses are only counted on the link
 =========================== ======== ==========================================================
 
 A kind not in the table is refused (``EventError``): a later issue adds its kinds here.
@@ -121,9 +123,10 @@ KINDS: dict[str, Kind] = {
     "control.granted": Kind(Source.PERSON, "span, run, agent, waited"),
     "control.handed_back": Kind(Source.PERSON, "span, run, user, seconds, inputs, note, by, how"),
     "control.lapsed": Kind(Source.SYSTEM, "span, run, user, seconds, inputs, lapse"),
+    "share.opened": Kind(Source.SYSTEM, "link, where, wall"),
 }
 #: families of kinds that later issues define; nothing may write them before then
-RESERVED_PREFIXES = ("share.",)
+RESERVED_PREFIXES: tuple[str, ...] = ()
 
 
 class EventError(ValueError):

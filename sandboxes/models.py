@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import datetime
 
 from django.conf import settings
 from django.db import models
@@ -276,3 +277,34 @@ class StoredFile(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.size} bytes)"
+
+
+class ShareLink(models.Model):
+    """A read-only link to one sandbox's page (``sandbox``) or to the wall (``sandbox`` null).
+
+    The link's token is signed over its id (``sandboxes.sharing``); this row says whether
+    it still works: until ``expires_at``, unless ``revoked_at``."""
+
+    sandbox = models.ForeignKey(
+        Sandbox, null=True, blank=True, on_delete=models.CASCADE, related_name="share_links", help_text="null: the wall"
+    )
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="share_links")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.CharField(max_length=150, blank=True)
+    uses = models.PositiveIntegerField(default=0)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"share link #{self.pk} to {f'sandbox {self.sandbox_id}' if self.sandbox_id else 'the wall'}"
+
+    @property
+    def wall(self) -> bool:
+        return self.sandbox_id is None
+
+    def active_at(self, when: datetime) -> bool:
+        return self.revoked_at is None and when < self.expires_at

@@ -21,7 +21,7 @@ from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.csrf import csrf_exempt
 
 from namek_web.errors import json_error
-from sandboxes import events
+from sandboxes import events, sharing
 from sandboxes.models import Phase, Source
 
 OPENAPI_VERSION = "3.0.3"
@@ -396,6 +396,7 @@ def _components() -> dict[str, Any]:
                 "properties": {"note": {"type": "string", "maxLength": 4000, "description": "added to its task"}},
                 "example": {"note": "The express option costs extra: leave it off."},
             },
+            **_share_schemas(),
             "Error": error,
             "Health": {
                 "type": "object",
@@ -858,6 +859,7 @@ def _paths() -> dict[str, Any]:
                 ),
             )
         },
+        **_share_paths(),
         "/api/openapi.json": {
             "description": "Other methods answer 405 (Allow: GET).",
             "x-allow": ["GET"],
@@ -940,6 +942,186 @@ def _paths() -> dict[str, Any]:
     }
 
 
+SHARE_LINK_EXAMPLE: dict[str, Any] = {
+    "id": 4,
+    "url": "https://namek.example.com/sandboxes/7/?share=NA:Yq0cOEmh1yv6wY1R0aTz3vA1lS8",
+    "expires_at": "2025-05-02T09:40:00.000000+00:00",
+    "sandbox": 7,
+    "wall": False,
+    "created_by": "alice",
+    "created_at": "2025-05-01T09:40:00.000000+00:00",
+    "revoked_at": None,
+    "active": True,
+    "uses": 2,
+    "last_used_at": "2025-05-01T10:02:13.250000+00:00",
+}
+
+
+def _share_schemas() -> dict[str, Any]:
+    timestamp = {"type": "string", "format": "date-time"}
+    return {
+        "ShareLink": {
+            "type": "object",
+            "description": "A read-only share link: whoever opens `url` watches the screen, the terminal output and "
+            "the event log without an account, and can send nothing.",
+            "additionalProperties": False,
+            "required": list(SHARE_LINK_EXAMPLE),
+            "properties": {
+                "id": {"type": "integer", "format": "int64", "minimum": 1},
+                "url": {
+                    "type": "string",
+                    "description": "the page to open, with the link's token (`share=`): `/sandboxes/<id>/` or `/wall/`",
+                },
+                "expires_at": timestamp,
+                "sandbox": {
+                    "type": "integer",
+                    "format": "int64",
+                    "minimum": 1,
+                    "nullable": True,
+                    "description": "the shared sandbox; null for a wall link",
+                },
+                "wall": {"type": "boolean", "description": "a link to the wall (every live sandbox)"},
+                "created_by": {"type": "string"},
+                "created_at": timestamp,
+                "revoked_at": {**timestamp, "nullable": True},
+                "active": {"type": "boolean", "description": "neither expired nor revoked"},
+                "uses": {"type": "integer", "minimum": 0, "description": "how many times the page was opened"},
+                "last_used_at": {**timestamp, "nullable": True},
+            },
+            "example": SHARE_LINK_EXAMPLE,
+        },
+        "ShareLinkList": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["share_links"],
+            "properties": {"share_links": {"type": "array", "items": _ref("schemas", "ShareLink")}},
+        },
+        "CreateShareLink": {
+            "type": "object",
+            "description": "`sandbox` or `wall: true`, not both.",
+            "additionalProperties": False,
+            "properties": {
+                "sandbox": {
+                    "type": "integer",
+                    "format": "int64",
+                    "minimum": 1,
+                    "maximum": INT64_MAX,
+                    "description": "the sandbox to share (you must be allowed to use it)",
+                },
+                "wall": {"type": "boolean", "description": "`true`: a link to the wall (operators and admins only)"},
+                "expires_in": {
+                    "type": "integer",
+                    "minimum": sharing.MIN_EXPIRES_IN,
+                    "maximum": sharing.MAX_EXPIRES_IN,
+                    "description": f"seconds until it expires, from {sharing.MIN_EXPIRES_IN} to "
+                    f"{sharing.MAX_EXPIRES_IN} (30 days); missing: {sharing.DEFAULT_EXPIRES_IN} (24 hours)",
+                },
+            },
+            "example": {"sandbox": 7, "expires_in": 3600},
+        },
+    }
+
+
+def _share_paths() -> dict[str, Any]:
+    link_id = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": "the share link's id",
+        "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX},
+        "example": 4,
+    }
+    link_ok = {"description": "The link.", "content": _json_content(_ref("schemas", "ShareLink"))}
+    too_many = {
+        "description": f"You already have {sharing.MAX_ACTIVE_PER_USER} active share links: revoke one.",
+        "content": _json_content(
+            _ref("schemas", "Error"),
+            {
+                "error": f"you already have {sharing.MAX_ACTIVE_PER_USER} active share links, the most one user "
+                "may have: revoke one",
+                "limit": sharing.MAX_ACTIVE_PER_USER,
+            },
+        ),
+    }
+    return {
+        "/api/share-links": {
+            "description": "Other methods answer 405 (Allow: GET, POST).",
+            "x-allow": ["GET", "POST"],
+            "get": {
+                "operationId": "listShareLinks",
+                "tags": ["sharing"],
+                "summary": "List your share links",
+                "description": f"Your own links (an admin's: everyone's), newest first, at most {sharing.LIST_LIMIT}. "
+                "Only active ones (neither expired nor revoked) unless `all` is given.",
+                "security": READ_SECURITY,
+                "parameters": [
+                    {
+                        "name": "sandbox",
+                        "in": "query",
+                        "required": False,
+                        "description": "only the links to this sandbox",
+                        "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": INT64_MAX},
+                        "example": 7,
+                    },
+                    {
+                        "name": "all",
+                        "in": "query",
+                        "required": False,
+                        "description": "`1`, `true` or `yes`: expired and revoked links too",
+                        "schema": {"type": "string"},
+                        "example": "1",
+                    },
+                ],
+                "responses": _responses(
+                    (
+                        "200",
+                        {"description": "The links.", "content": _json_content(_ref("schemas", "ShareLinkList"))},
+                    ),
+                    400,
+                    401,
+                ),
+            },
+            "post": {
+                "operationId": "createShareLink",
+                "tags": ["sharing"],
+                "summary": "Create a read-only share link",
+                "description": "A link to one sandbox's page (for those who may use the sandbox) or to the wall "
+                "(operators and admins). Whoever opens it watches the screen, the terminal output and the event "
+                "log without logging in, and can send nothing; each opening of a sandbox link is a `share.opened` "
+                "event in its log. The token in `url` is not an API token: the API refuses it.",
+                "security": WRITE_SECURITY,
+                "requestBody": {"required": True, "content": _json_content(_ref("schemas", "CreateShareLink"))},
+                "responses": {
+                    **_responses(("201", {**link_ok, "description": "Created."}), 400, 401, 403, 404),
+                    "429": too_many,
+                },
+            },
+        },
+        "/api/share-links/{id}": {
+            "description": "Other methods answer 405 (Allow: GET, DELETE).",
+            "x-allow": ["GET", "DELETE"],
+            "parameters": [link_id],
+            "get": {
+                "operationId": "getShareLink",
+                "tags": ["sharing"],
+                "summary": "Get a share link",
+                "description": "Your own link (an admin: anyone's); someone else's answers 404.",
+                "security": READ_SECURITY,
+                "responses": _responses(("200", link_ok), 401, 404),
+            },
+            "delete": {
+                "operationId": "revokeShareLink",
+                "tags": ["sharing"],
+                "summary": "Revoke a share link",
+                "description": "Its creator or an admin. The link stops working at once: its pages answer 403 and "
+                "the websockets opened with it close (4403). Revoking it again changes nothing.",
+                "security": WRITE_SECURITY,
+                "responses": _responses(("200", {**link_ok, "description": "Revoked."}), 401, 403, 404),
+            },
+        },
+    }
+
+
 def base_url_of(request_or_base_url: HttpRequest | str) -> str:
     if isinstance(request_or_base_url, str):
         return request_or_base_url.rstrip("/")
@@ -957,6 +1139,7 @@ def document(request_or_base_url: HttpRequest | str) -> dict[str, Any]:
             {"name": "agents", "description": "Start agents on sandboxes, pause, resume and stop them."},
             {"name": "control", "description": "Take over a sandbox from its agent and hand it back."},
             {"name": "events", "description": "Read a sandbox's event log, add notes to it, fetch its screenshots."},
+            {"name": "sharing", "description": "Read-only share links to a sandbox's page or the wall."},
             {"name": "documentation", "description": "This document, as JSON and as a page."},
             {"name": "probes", "description": "For load balancers and orchestrators."},
         ],

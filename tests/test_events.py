@@ -82,7 +82,7 @@ def test_an_event_as_json_has_every_field(make_sandbox) -> None:
     ("fields", "message"),
     [
         ({"kind": "no.such.kind"}, "unknown"),
-        ({"kind": "share.opened"}, "reserved"),
+        ({"kind": "share.closed"}, "unknown"),
         ({"kind": "person.note", "data": ["a", "list"]}, "JSON object"),
         ({"kind": "person.note", "data": {"x": "y" * 20000}}, "bytes as JSON"),
         ({"kind": "person.note", "data": {"x": float("nan")}}, "not JSON"),

@@ -97,7 +97,7 @@ def test_every_api_route_is_documented_and_nothing_else() -> None:
     routes = set(_routes(get_resolver().url_patterns))
     # The catch-all (JSON 404 for unknown API paths) is the one regular expression under /api/.
     assert {r for r in routes if r.startswith("^api")} == {CATCH_ALL}
-    names = {"sandbox_id": "id", "run_id": "id", "seq": "seq"}
+    names = {"sandbox_id": "id", "run_id": "id", "seq": "seq", "link_id": "id"}
     served = {"/" + re.sub(r"<int:(\w+)>", lambda m: "{" + names[m[1]] + "}", r) for r in routes - {CATCH_ALL}}
     served_api = {r for r in served if r.startswith("/api/")}
     documented = set(spec()["paths"])
@@ -202,7 +202,7 @@ def test_errors_and_security_are_described_where_they_occur() -> None:
             if method not in item:
                 continue
             security = item[method]["security"]
-            if path.startswith(("/api/sandboxes", "/api/runs")):
+            if path.startswith(("/api/sandboxes", "/api/runs", "/api/share-links")):
                 assert {"bearerAuth": []} in security, (method, path)
                 assert "401" in item[method]["responses"]
                 if method != "get":

@@ -6,6 +6,7 @@ from viewer.consumers.dashboard import DashboardConsumer
 from viewer.consumers.events import EventsConsumer
 from viewer.consumers.screen import ScreenConsumer
 from viewer.consumers.terminal import TerminalConsumer
+from viewer.consumers.wall import WallConsumer
 
 websocket_urlpatterns = [
     path("ws/sandboxes/", DashboardConsumer.as_asgi()),
@@ -14,4 +15,5 @@ websocket_urlpatterns = [
     path("ws/sandboxes/<int:sandbox_id>/events/", EventsConsumer.as_asgi()),
     path("ws/sandboxes/<int:sandbox_id>/cdp/", CdpConsumer.as_asgi()),
     path("ws/agent/<int:run_id>/", AgentBridgeConsumer.as_asgi()),
+    path("ws/wall/", WallConsumer.as_asgi()),
 ]

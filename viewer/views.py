@@ -1,4 +1,8 @@
-"""The pages: dashboard, sandbox page, and the start page a sandbox's browser opens."""
+"""The pages: dashboard, sandbox page, and the start page a sandbox's browser opens.
+
+The sandbox page with ``?share=<token>`` is the read-only shared view (``sandboxes.sharing``):
+no login, whoever opens it; a token that is not valid for that sandbox answers 403.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.clickjacking import xframe_options_deny
 
-from sandboxes import control, runs, services
+from sandboxes import control, runs, services, sharing
 from sandboxes.access import can_create, can_use, can_view, visible_sandboxes
 from sandboxes.models import ACTIVE_RUN_STATUSES, Phase, Sandbox
 
@@ -30,8 +34,14 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
 def sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
+    if "share" in request.GET:
+        return shared_sandbox_page(request, sandbox_id, request.GET["share"])
+    return own_sandbox_page(request, sandbox_id)
+
+
+@login_required
+def own_sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
     sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=sandbox_id).first()
     if sandbox is None:
         raise Http404("no such sandbox")
@@ -43,12 +53,51 @@ def sandbox_page(request: HttpRequest, sandbox_id: int) -> HttpResponse:
         "sandbox": services.sandbox_json(sandbox),
         "control": control.state_json(control.lease_of(sandbox.pk), request.user),
         "may_use": can_use(request.user, sandbox),
+        "may_share": sharing.may_share(request.user, sandbox),
         "active_run": runs.run_json(active) if active else None,
         "demos": list(runs.demos()),
         "llm_configured": settings.NAMEK_LLM_CONFIGURED,
         "llm_model": settings.NAMEK_LLM_MODEL,
     }
     return render(request, "namek/sandbox.html", context)
+
+
+def shared_sandbox_page(request: HttpRequest, sandbox_id: int, token: str) -> HttpResponse:
+    """The page for whoever holds a share link: the same three live panes, nothing that acts.
+    Logged in or not, the visitor sees what everyone with the link sees."""
+    grant = sharing.resolve(token)
+    if grant is None or not sharing.allows(grant, sandbox_id):
+        return _share_refused(request, mismatch=grant is not None)
+    sharing.record_use(grant, "page")  # first: the page's log then starts with it
+    sandbox = Sandbox.objects.select_related("owner", "lease__user", "lease__run").filter(pk=sandbox_id).first()
+    if sandbox is None:
+        raise Http404("no such sandbox")
+    active = sandbox.runs.filter(status__in=ACTIVE_RUN_STATUSES).first()
+    control.expire_lapsed()
+    lease = control.lease_of(sandbox.pk)
+    context = {
+        "sandbox": services.sandbox_json(sandbox),
+        "control": {**control.summary(lease), "version": lease.version},
+        "may_use": False,
+        "may_share": False,
+        "share": token,
+        "active_run": runs.run_json(active) if active else None,
+    }
+    response = render(request, "namek/sandbox.html", context)
+    _private(response)
+    return response
+
+
+def _share_refused(request: HttpRequest, *, mismatch: bool) -> HttpResponse:
+    response = render(request, "namek/share_refused.html", {"mismatch": mismatch}, status=403)
+    _private(response)
+    return response
+
+
+def _private(response: HttpResponse) -> None:
+    """A page whose URL holds a share token: never sent on as a Referer, never cached."""
+    response["Referrer-Policy"] = "no-referrer"
+    response["Cache-Control"] = "no-store"
 
 
 @xframe_options_deny

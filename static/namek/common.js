@@ -24,9 +24,18 @@ export async function api(method, path, body) {
   return data;
 }
 
+// The read-only share link's token of a shared page (a json_script "share-token" in the
+// page), or "". Every websocket such a page opens carries it (wsUrl).
+export function shareToken() {
+  const element = document.getElementById("share-token");
+  return element ? String(JSON.parse(element.textContent) || "") : "";
+}
+
 export function wsUrl(path) {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${scheme}//${location.host}${path}`;
+  const token = shareToken();
+  const share = token ? `${path.includes("?") ? "&" : "?"}share=${encodeURIComponent(token)}` : "";
+  return `${scheme}//${location.host}${path}${share}`;
 }
 
 // Close codes 4400-4499 mean "do not retry" (see viewer/closecodes.py).

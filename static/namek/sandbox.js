@@ -6,12 +6,16 @@
 // screen interactive (noVNC's viewOnly off; it gets the keyboard focus when they take
 // over) and the clipboard panel shown; the terminal follows by itself (its server
 // re-sends "setup" with readonly).
+//
+// Opened through a read-only share link (?share=<token>, share.js), the page has none of
+// the parts that act, nor the API or the dashboard feed: it follows the log alone.
 import { mountAgentBar } from "./agent.js";
-import { api, describeClose, followSandboxes } from "./common.js";
+import { api, describeClose, followSandboxes, shareToken } from "./common.js";
 import { mountControl } from "./control.js";
 import { mountEventLog } from "./eventlog.js";
 import { enableSplitters } from "./layout.js";
 import { showScreen } from "./screen.js";
+import { followSharedView, mountShareDialog } from "./share.js";
 import { mountTerminal } from "./terminal.js";
 
 // How many of the newest events the log starts with; older ones are in the API.
@@ -29,12 +33,13 @@ const logStatus = document.getElementById("log-status");
 const noteForm = document.getElementById("note-form");
 const controlBar = document.getElementById("control-bar");
 const workspace = document.getElementById("workspace");
-const clipboardPanel = document.getElementById("clipboard-panel");
-const clipboardOut = clipboardPanel.querySelector("textarea[name=clipboard-out]");
+const clipboardPanel = document.getElementById("clipboard-panel"); // none in the shared view
+const clipboardOut = clipboardPanel?.querySelector("textarea[name=clipboard-out]");
 const clipboardIn = document.getElementById("sandbox-clipboard");
 const clipboardStatus = document.getElementById("clipboard-status");
 const pasteButton = document.getElementById("paste-button");
 const mayUse = controlBar.dataset.mayUse === "true";
+const shared = Boolean(shareToken());
 let screen = null;
 let terminal = null;
 let driving = false;
@@ -53,7 +58,7 @@ function applyPhase(s) {
   if (s.phase === "ready" && !screen) {
     screen = showScreen(container, s.id, {
       onState: setStatus,
-      onClipboard: (text) => { clipboardIn.value = text; },
+      onClipboard: (text) => { if (clipboardIn) clipboardIn.value = text; },
       viewOnly: !driving,
     });
     terminal = mountTerminal(terminalBox, s.id, { onState: (text) => { terminalStatus.textContent = text; } });
@@ -107,7 +112,7 @@ noteForm?.addEventListener("submit", async (event) => {
   }
 });
 
-pasteButton.addEventListener("click", () => {
+pasteButton?.addEventListener("click", () => {
   if (!clipboardOut.value) {
     clipboardStatus.textContent = "Nothing to paste.";
     return;
@@ -119,7 +124,7 @@ pasteButton.addEventListener("click", () => {
     clipboardStatus.textContent = "Not sent: the screen is not connected, or you do not drive.";
   }
 });
-clipboardIn.addEventListener("focus", () => clipboardIn.select());
+clipboardIn?.addEventListener("focus", () => clipboardIn.select());
 
 // Who drives changed (or was first read): follow it with the screen and the panels.
 function applyControl(state, before) {
@@ -134,20 +139,30 @@ function applyControl(state, before) {
 }
 
 enableSplitters(workspace);
-const agentBar = mountAgentBar(
-  document.getElementById("agent-form"), sandbox.id, JSON.parse(document.getElementById("run-data").textContent),
-  { mayUse },
-);
-const control = mountControl(controlBar, sandbox.id, JSON.parse(document.getElementById("control-data").textContent), {
+const initialRun = JSON.parse(document.getElementById("run-data").textContent);
+const initialControl = JSON.parse(document.getElementById("control-data").textContent);
+const agentBar = shared ? null : mountAgentBar(document.getElementById("agent-form"), sandbox.id, initialRun, { mayUse });
+const control = shared ? null : mountControl(controlBar, sandbox.id, initialControl, {
   username: controlBar.dataset.username,
   onChange: applyControl,
 });
+const sharedView = shared ? followSharedView({
+  bar: controlBar,
+  agentState: document.getElementById("agent-state"),
+  run: initialRun,
+  control: initialControl,
+  after: sandbox.last_event_seq,
+  onPhase: (phase, reason) => applyPhase({ ...sandbox, phase, failure_reason: reason }),
+}) : null;
+const shareButton = document.getElementById("share-button");
+if (shareButton) mountShareDialog(shareButton, document.getElementById("share-dialog"), sandbox.id);
 mountEventLog(document.getElementById("event-log"), sandbox.id, {
   after: Math.max(0, sandbox.last_event_seq - INITIAL_EVENTS),
   onState: (text) => { logStatus.textContent = text; },
   onEvent: (event) => {
-    agentBar.onEvent(event);
-    control.onEvent(event);
+    agentBar?.onEvent(event);
+    control?.onEvent(event);
+    sharedView?.onEvent(event);
   },
 });
 applyPhase(sandbox);
@@ -161,7 +176,7 @@ function followed(s) {
   applyPhase(s);
 }
 
-followSandboxes({
+if (!shared) followSandboxes({
   onSnapshot: (list) => {
     const found = list.find((s) => s.id === sandbox.id);
     if (found) followed(found);

@@ -103,7 +103,7 @@ class TerminalConsumer(ControlFollower, NamekConsumer):
 
     async def record(self, kind: str, text: str, **data: Any) -> None:
         assert self.sandbox is not None
-        actor = self.scope["user"].get_username()
+        actor = self.who()
         data = {"readonly": self.readonly, **data}
         try:
             await database_sync_to_async(events.record)(self.sandbox.pk, kind, text, data=data, actor=actor)
