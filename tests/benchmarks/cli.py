@@ -46,3 +46,14 @@ def run(
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nsaved {out}", file=sys.stderr)
     return 0
+
+
+def delete_sandbox(namek: Any, sandbox_id: int) -> None:
+    """Delete a benchmark's sandbox before Namek stops; a failure is reported, not raised
+    (it may be the reason the benchmark is ending)."""
+    try:
+        status, body = namek.api("DELETE", f"/api/sandboxes/{sandbox_id}")
+    except OSError as exc:  # Daphne gone, e.g. after a Ctrl-C to the whole process group
+        status, body = 0, str(exc)
+    if status != 200:
+        print(f"deleting sandbox {sandbox_id} failed ({status}): {body}", file=sys.stderr, flush=True)

@@ -648,12 +648,7 @@ def measure_layer(
                 )
     finally:
         if sandbox_id is not None:
-            try:
-                status, body = namek.api("DELETE", f"/api/sandboxes/{sandbox_id}")
-            except OSError as exc:  # Daphne gone, e.g. after a Ctrl-C to the whole process group
-                status, body = 0, str(exc)
-            if status != 200:
-                print(f"deleting sandbox {sandbox_id} failed ({status}): {body}", file=sys.stderr, flush=True)
+            cli.delete_sandbox(namek, sandbox_id)
         namek.stop()
     return rows
 

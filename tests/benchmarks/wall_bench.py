@@ -239,12 +239,7 @@ def run_benchmark(args: argparse.Namespace, base: Path) -> dict[str, Any]:
         load_after = os.getloadavg()[0]
     finally:
         for sandbox_id in sandbox_ids:
-            try:
-                status, body = namek.api("DELETE", f"/api/sandboxes/{sandbox_id}")
-            except OSError as exc:  # Daphne gone, e.g. after a Ctrl-C to the whole process group
-                status, body = 0, str(exc)
-            if status != 200:
-                print(f"deleting sandbox {sandbox_id} failed ({status}): {body}", file=sys.stderr, flush=True)
+            cli.delete_sandbox(namek, sandbox_id)
         namek.stop()
     return {
         "sandboxes": SANDBOXES,
