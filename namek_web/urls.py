@@ -5,7 +5,7 @@ from django.urls import include, path, re_path
 from namek_web import health
 from sandboxes import api, share_api
 from sandboxes import openapi as api_docs
-from viewer import views, wall_views
+from viewer import replay, views, wall_views
 
 handler400 = "namek_web.errors.bad_request"
 handler404 = "namek_web.errors.not_found"
@@ -15,6 +15,13 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("sandboxes/<int:sandbox_id>/", views.sandbox_page, name="sandbox"),
     path("sandboxes/start/<str:token>/", views.start_page, name="sandbox-start"),
+    path("sandboxes/<int:sandbox_id>/runs/<int:run_id>/replay/", replay.replay_page, name="replay"),
+    path("sandboxes/<int:sandbox_id>/runs/<int:run_id>/replay/export", replay.replay_export, name="replay-export"),
+    path(
+        "sandboxes/<int:sandbox_id>/runs/<int:run_id>/replay/recording",
+        replay.replay_recording,
+        name="replay-recording",
+    ),
     path("wall/", wall_views.wall_page, name="wall"),
     path("wall/stats", wall_views.wall_stats, name="wall-stats"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),

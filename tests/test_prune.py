@@ -137,3 +137,18 @@ def test_a_symlink_in_place_of_a_directory_is_left_alone(aged, data_dir: Path, t
     (data_dir / "sandboxes" / str(old.pk)).symlink_to(elsewhere, target_is_directory=True)
     prune("--days", "30")
     assert (elsewhere / "precious.txt").read_text() == "keep me"
+
+
+def test_the_runs_of_a_pruned_sandbox_lose_their_logs_and_recordings(aged, data_dir: Path, cast: dict) -> None:
+    from sandboxes.models import AgentRun
+
+    old, recent = aged("stopped", 40 * DAY), aged("stopped", 2 * DAY)
+    directories = {}
+    for box in (old, recent):
+        run = AgentRun.objects.create(sandbox=box, task="t", token_digest=f"d{box.pk}", status="done")
+        directories[box.pk] = data_dir / "runs" / str(run.pk)
+        directories[box.pk].mkdir(parents=True)
+        (directories[box.pk] / "screen.webm").write_bytes(b"\x1aE\xdf\xa3")
+    prune("--days", "30")
+    assert not directories[old.pk].exists()
+    assert (directories[recent.pk] / "screen.webm").exists()

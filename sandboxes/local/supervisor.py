@@ -376,9 +376,14 @@ class Supervisor:
         if op == "list":
             return {"ok": True, "sandboxes": [self._describe(s) for s in self.sandboxes.values()]}
         if op == "run_agent":
-            self._require_ready(self._get(int(request["sandbox"])))
+            sandbox = self._get(int(request["sandbox"]))
+            self._require_ready(sandbox)
             await self.runners.start(
-                int(request["run"]), int(request["sandbox"]), str(request["bridge"]), str(request["token"])
+                int(request["run"]),
+                int(request["sandbox"]),
+                str(request["bridge"]),
+                str(request["token"]),
+                screen=(str(sandbox.vnc_socket), sandbox.password),
             )
             return {"ok": True}
         if op == "stop_agent":

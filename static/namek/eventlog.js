@@ -87,6 +87,13 @@ export function mountEventLog(container, sandboxId, { after = 0, onState, onEven
       time,
     );
     item.append(head, element("div", "event-text", event.text));
+    // An ended run: its replay (viewer/replay.py).
+    if ((event.kind === "agent.done" || event.kind === "agent.failed") && Number.isInteger(event.data?.run)) {
+      const replay = element("a", "event-replay", "Replay this run");
+      replay.href = `/sandboxes/${Number(sandboxId)}/runs/${event.data.run}/replay/`;
+      replay.style.gridColumn = "1";
+      item.append(replay);
+    }
     const thumbnail = apiPath(event.thumbnail_url);
     if (thumbnail) {
       const button = element("button", "event-thumb");

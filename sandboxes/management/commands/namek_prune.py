@@ -22,7 +22,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sandboxes.events import delete_screenshots
-from sandboxes.models import Phase, Sandbox
+from sandboxes.models import AgentRun, Phase, Sandbox
 
 ENDED_PHASES = (Phase.STOPPED, Phase.FAILED)
 
@@ -65,11 +65,16 @@ class Command(BaseCommand):
         if options["dry_run"]:
             self.stdout.write(f"would prune {len(ids)} sandboxes ended more than {days} days ago{listed}")
             return
+        # Their runs' directories (runner logs, screen recordings) go with them.
+        run_ids = dict(AgentRun.objects.filter(sandbox_id__in=ids).values_list("pk", "sandbox_id"))
         # Deleting by id and phase again: a row that changed meanwhile is left alone.
         _total, per_model = Sandbox.objects.filter(pk__in=ids, phase__in=ENDED_PHASES).delete()
         deleted = per_model.get(Sandbox._meta.label, 0)
         self.stdout.write(f"pruned {deleted} sandboxes ended more than {days} days ago{listed}")
         kept = set(Sandbox.objects.filter(pk__in=ids).values_list("pk", flat=True))
+        for run_id, sandbox_id in sorted(run_ids.items()):
+            if sandbox_id not in kept:
+                self._remove_directory(Path(settings.DATA_DIR) / "runs" / str(run_id))
         for sandbox_id in sorted(set(ids) - kept):
             self._remove_directory(Path(settings.DATA_DIR) / "sandboxes" / str(sandbox_id))
             try:
