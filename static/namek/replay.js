@@ -61,6 +61,16 @@
     return item.kind;
   }
 
+  // An item's time, kind (in a `kindTag` element) and actor, appended to `head`.
+  function itemHead(head, item, kindTag) {
+    head.append(
+      element("time", "replay-item-time", clock(item.offset)),
+      element(kindTag, "replay-item-kind", label(item)),
+      element("span", "replay-item-actor", item.actor),
+    );
+    return head;
+  }
+
   // --- the lanes over the scrubber ----------------------------------------------------------
 
   function lane(name, className) {
@@ -168,12 +178,7 @@
     row.dataset.index = String(index);
     const button = element("button", "replay-item-button");
     button.type = "button";
-    const head = element("span", "replay-item-head");
-    head.append(
-      element("time", "replay-item-time", clock(item.offset)),
-      element("span", "replay-item-kind", label(item)),
-      element("span", "replay-item-actor", item.actor),
-    );
+    const head = itemHead(element("span", "replay-item-head"), item, "span");
     button.append(head, element("span", "replay-item-text", item.text));
     const thumbnail = imageUrl(item.thumbnail);
     if (thumbnail) {
@@ -231,12 +236,7 @@
       detail.append(element("p", "replay-empty", "The run is about to start."));
       return;
     }
-    const head = element("div", "replay-detail-head");
-    head.append(
-      element("time", "replay-item-time", clock(item.offset)),
-      element("strong", "replay-item-kind", label(item)),
-      element("span", "replay-item-actor", item.actor),
-    );
+    const head = itemHead(element("div", "replay-detail-head"), item, "strong");
     detail.append(head, element("p", "replay-detail-text", item.text));
     const facts = element("dl", "replay-facts");
     const add = (name, value) => {

@@ -557,13 +557,7 @@ def idle_memory(namek: LiveNamek, server: str, run: int, held: list[Held], idle:
 def delete_held(namek: LiveNamek, held: list[Held]) -> None:
     """Delete the held sandboxes; failures are reported, not raised (LiveNamek.stop() sweeps)."""
     while held:
-        sandbox = held.pop()
-        try:
-            status, body = namek.api("DELETE", f"/api/sandboxes/{sandbox.sandbox_id}")
-        except OSError as exc:  # Daphne gone, e.g. after a Ctrl-C to the whole process group
-            status, body = 0, str(exc)
-        if status != 200:
-            print(f"deleting sandbox {sandbox.sandbox_id} failed ({status}): {body}", file=sys.stderr, flush=True)
+        cli.delete_sandbox(namek, held.pop().sandbox_id)
 
 
 def measure_all(nameks: dict[str, LiveNamek], args: argparse.Namespace, results: Results) -> None:
