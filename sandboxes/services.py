@@ -243,7 +243,9 @@ def record_phase(
         if phase != sandbox.phase and sandbox.phase in ALLOWED_FROM.get(phase, ()):
             sandbox.phase = phase
             now = timezone.now()
-            if phase == Phase.FAILED:
+            if phase == Phase.FAILED or (phase == Phase.STOPPING and reason):
+                # A stop's reason is known when it starts: the backend's own report of
+                # the end (which may come first, without one) must not leave it blank.
                 sandbox.failure_reason = reason
             if phase == Phase.READY:
                 sandbox.ready_at = now
