@@ -62,7 +62,13 @@ async def page_devtools(namek: LiveNamek, sandbox_id: int, url_part: str = "/san
     socket_path = namek.browser_socket(sandbox_id)
     page_id = await asyncio.to_thread(cdp_page_id, socket_path, url_part)
     async with unix_connect(socket_path, f"ws://127.0.0.1/devtools/page/{page_id}", max_size=None) as ws:
-        yield Cdp(ws)
+        cdp = Cdp(ws)
+        # "Ready" means the screen and DevTools answer; the page may still be loading.
+        deadline = time.monotonic() + 15
+        while not await cdp.evaluate("document.readyState === 'complete' && !!document.body"):
+            assert time.monotonic() < deadline, "the page did not finish loading"
+            await asyncio.sleep(0.1)
+        yield cdp
 
 
 @contextlib.asynccontextmanager
