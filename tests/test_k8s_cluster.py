@@ -12,7 +12,6 @@ so it needs no controller and no pods: use a cluster where that controller does 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import threading
 import time
@@ -28,10 +27,10 @@ from kubernetes.client.exceptions import ApiException
 
 from sandboxes.backends.base import SandboxSpec
 from sandboxes.backends.kubernetes import KubernetesBackend
+from tests.test_k8s_backend import fixture as api_fixture
 
 KUBECONFIG = os.environ.get("NAMEK_TEST_KUBECONFIG", "")
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "k8s-crds"
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "k8s_api"
 GROUP, EXTENSIONS, VERSION = "agents.x-k8s.io", "extensions.agents.x-k8s.io", "v1beta1"
 
 pytestmark = [
@@ -122,7 +121,7 @@ def pool(namespace: str, custom: client.CustomObjectsApi) -> None:
         "kind": "SandboxTemplate",
         "metadata": {"name": "namek-sandbox", "namespace": namespace},
         "spec": {
-            "podTemplate": copy.deepcopy(_fixture("sandbox_warm_ready")["spec"]["podTemplate"]),
+            "podTemplate": copy.deepcopy(api_fixture("sandbox_warm_ready")["spec"]["podTemplate"]),
         },
     }
     template["spec"]["podTemplate"]["metadata"] = {"labels": {"app.kubernetes.io/name": "namek-sandbox"}}
@@ -138,11 +137,6 @@ def pool(namespace: str, custom: client.CustomObjectsApi) -> None:
     custom.create_namespaced_custom_object(
         EXTENSIONS, VERSION, namespace, "sandboxwarmpools", warm_pool, field_validation="Strict"
     )
-
-
-def _fixture(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_text())
-    return loaded
 
 
 def _condition(status: str, reason: str, message: str) -> dict[str, Any]:
@@ -167,7 +161,7 @@ class Controller:
         claim = self.custom.get_namespaced_custom_object(
             EXTENSIONS, VERSION, self.namespace, "sandboxclaims", claim_name
         )
-        fixture = _fixture("sandbox_warm_ready")
+        fixture = api_fixture("sandbox_warm_ready")
         body = {
             "apiVersion": fixture["apiVersion"],
             "kind": "Sandbox",
